@@ -15,6 +15,17 @@ Meta = dict[str, Any]  # msgpack-able: str, int, float, bool, None, lists and di
 
 
 @dataclass
+class Prompt:
+    """One problem ready to sample: rendered prompt text and ids plus what the verifier needs."""
+
+    prompt_id: str                 # stable id of the problem within its split ("train-17")
+    text: str                      # rendered prompt (chat template applied)
+    token_ids: np.ndarray          # [P] int32
+    gold: str | None = None        # reference answer (None for label-free data)
+    meta: Meta = field(default_factory=dict)   # task kind and data: {"task": "countdown", "numbers": [...], "target": 24}
+
+
+@dataclass
 class Response:
     token_ids: np.ndarray          # [L] int32, the sampled tokens (EOS included when generated)
     logprobs: np.ndarray           # [L] float32, sampler log-probs of those tokens
@@ -27,6 +38,7 @@ class Rollout:
     """One prompt group: G responses to one prompt, sampled with one weights version."""
 
     group_id: str                  # unique within the run: "<generator>-<counter>"
+    prompt_id: str                 # Prompt.prompt_id it answers
     prompt_ids: np.ndarray         # [P] int32
     prompt: str                    # rendered prompt text (after the chat template)
     responses: list[Response]
