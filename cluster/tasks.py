@@ -1,0 +1,255 @@
+"""Problems to train and evaluate on: seeded synthetic verifiable tasks and local dataset files.
+
+Synthetic tasks (deterministic for a seed):
+- arith: left-to-right multi-step arithmetic over two-digit numbers with a short chain of thought,
+  "Compute 23+45-17." -> "23+45=68. 68-17=51. Answer: 51". Each intermediate digit is a decision point.
+- countdown (TinyZero): reach a target with the given numbers, each used at most once,
+  "Use 3, 8, 4 to make 20." -> "8*3=24. 24-4=20. Answer: (8*3)-4".
+Files: JSONL or Parquet read through `datasets`, in the GSM8K, MATH or DAPO-Math-17K layout (or custom
+columns). A malformed row is an error naming the file and the row index.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.config import DataConfig
+from cluster.types import Prompt
+
+SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3}
+
+
+@dataclass
+class Problem:
+    question: str                  # the problem statement, without the answer-format instruction
+    gold: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+    solution: str | None = None    # a worked chain of thought ending in the answer line (synthetic tasks)
+
+
+class DataError(ValueError):
+    """A problem with a dataset file, naming the file and the row."""
+
+
+# ---------------------------------------------------------------- synthetic tasks
+
+def _arith(rng: random.Random, difficulty: int, answer_format: str) -> Problem:
+    value = rng.randint(10, 99)
+    expr, steps = str(value), []
+    for _ in range(difficulty):
+        op = rng.choice("+-")
+        if op == "-" and value < 10:
+            op = "+"
+        operand = rng.randint(10, 99) if op == "+" else rng.randint(1, min(99, value))
+        new = value + operand if op == "+" else value - operand
+        steps.append(f"{value}{op}{operand}={new}.")
+        expr += f"{op}{operand}"
+        value = new
+    return Problem(f"Compute {expr}.", str(value), {"task": "arith"},
+                   " ".join(steps) + " " + format_answer(str(value), answer_format))
+
+
+def _countdown_solve(numbers: list[int], rng: random.Random) -> tuple[int, list[str], str]:
+    """Pick a random left-to-right derivation using every number once; return target, steps, expression."""
+    order = numbers[:]
+    rng.shuffle(order)
+    value, expr, steps = order[0], str(order[0]), []
+    for n in order[1:]:
+        ops = ["+", "*"] + (["-"] if value > n else []) + (["/"] if n > 1 and value % n == 0 else [])
+        op = rng.choice(ops)
+        new = {"+": value + n, "-": value - n, "*": value * n, "/": value // n if n else 0}[op]
+        steps.append(f"{value}{op}{n}={new}.")
+        expr = f"({expr}){op}{n}" if steps[:-1] else f"{expr}{op}{n}"
+        value = new
+    return value, steps, expr
+
+
+def _countdown(rng: random.Random, difficulty: int, answer_format: str) -> Problem:
+    numbers = [rng.randint(1, 12) for _ in range(difficulty + 1)]
+    target, steps, expr = _countdown_solve(numbers, rng)
+    shown = ", ".join(map(str, numbers))
+    return Problem(f"Use {shown} to make {target}.", str(target),
+                   {"task": "countdown", "numbers": numbers, "target": target},
+                   " ".join(steps) + " " + format_answer(expr, answer_format))
+
+
+SYNTHETIC = {"arith": _arith, "countdown": _countdown}
+
+
+def synthetic_problems(task: str, n: int, split: str, seed: int = 0, difficulty: int = 2,
+                       answer_format: str = "answer_line", exclude: set[str] | None = None) -> list[Problem]:
+    """n seeded problems; splits use disjoint seeds, and questions in `exclude` are skipped (so that a
+    held-out split never repeats a training question)."""
+    if task not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic task {task!r} (arith | countdown)")
+    rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
+    exclude = exclude or set()
+    out: list[Problem] = []
+    while len(out) < n:
+        p = SYNTHETIC[task](rng, difficulty, answer_format)
+        if p.question not in exclude:
+            out.append(p)
+    return out
+
+
+def format_answer(answer: str, answer_format: str) -> str:
+    return f"\\boxed{{{answer}}}" if answer_format == "boxed" else f"Answer: {answer}"
+
+
+INSTRUCTIONS = {
+    "answer_line": " Finish with Answer: <answer>.",
+    "boxed": " Put the final answer in \\boxed{}.",
+}
+
+
+# ---------------------------------------------------------------- files
+
+def _gsm8k_gold(answer: Any) -> str:
+    if not isinstance(answer, str) or "####" not in answer:
+        raise ValueError("field 'answer' must be a string containing '#### <answer>'")
+    return answer.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} (brace-matched), or None."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = text.find("{", start)
+        if i != -1 and text[start + 6:i].strip() == "":
+            depth, j = 0, i
+            while j < len(text):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1:j]
+                j += 1
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+def _row_to_problem(row: dict[str, Any], cfg: DataConfig) -> Problem:
+    def need(name: str) -> Any:
+        if name not in row or row[name] is None:
+            raise ValueError(f"missing field {name!r}")
+        return row[name]
+
+    if cfg.layout == "gsm8k":
+        q, gold = need("question"), _gsm8k_gold(need("answer"))
+    elif cfg.layout == "math":
+        q = need("problem")
+        gold = row.get("answer") or last_boxed(str(need("solution")))
+        if gold is None:
+            raise ValueError("field 'solution' has no \\boxed{} answer and there is no 'answer' field")
+    elif cfg.layout == "dapo":
+        prompt = need("prompt")
+        if isinstance(prompt, list):
+            users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+            if not users or not isinstance(users[-1], str):
+                raise ValueError("field 'prompt' has no user message")
+            q = users[-1]
+        else:
+            q = prompt
+        rm = need("reward_model")
+        if not isinstance(rm, dict) or rm.get("ground_truth") in (None, ""):
+            raise ValueError("field 'reward_model.ground_truth' is missing")
+        gold = str(rm["ground_truth"])
+    else:
+        q, gold = need(cfg.prompt_field), need(cfg.answer_field)
+    if not isinstance(q, str) or not q.strip():
+        raise ValueError("the prompt is empty or not a string")
+    return Problem(q.strip(), str(gold).strip(), {"task": "math"})
+
+
+def _check_jsonl(path: Path) -> None:
+    with path.open("rb") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}: row {i}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: row {i}: a row must be a JSON object")
+
+
+def file_problems(path: str | Path, cfg: DataConfig) -> list[Problem]:
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")
+    if kind == "json":
+        _check_jsonl(path)  # datasets' own error does not say which row is broken
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train",
+                                   cache_dir=str(_datasets_cache()))
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise DataError(f"{path}: cannot be read as {kind}: {e}") from None
+    out = []
+    for i, row in enumerate(ds):
+        try:
+            out.append(_row_to_problem(row, cfg))
+        except ValueError as e:
+            raise DataError(f"{path}: row {i}: {e}") from None
+    if not out:
+        raise DataError(f"{path}: no rows")
+    return out
+
+
+def _datasets_cache() -> Path:
+    from cluster.runtime import cache_dir
+
+    return cache_dir("datasets")
+
+
+# ---------------------------------------------------------------- splits and rendering
+
+def load_problems(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems for the configured task."""
+    if cfg.task in SYNTHETIC:
+        train = synthetic_problems(cfg.task, cfg.train_size, "train", seed, cfg.difficulty, cfg.answer_format)
+        held = synthetic_problems(cfg.task, cfg.eval_size, "eval", seed, cfg.difficulty, cfg.answer_format,
+                                  exclude={p.question for p in train})
+        return train, held
+    train = file_problems(cfg.train_path, cfg)
+    if cfg.eval_path:
+        return train, file_problems(cfg.eval_path, cfg)
+    if len(train) <= cfg.eval_size:
+        raise DataError(f"{cfg.train_path}: {len(train)} rows cannot hold out data.eval_size={cfg.eval_size}")
+    return train[:-cfg.eval_size], train[-cfg.eval_size:]
+
+
+def user_message(p: Problem, answer_format: str) -> str:
+    return p.question + INSTRUCTIONS[answer_format]
+
+
+def render_text(p: Problem, tokenizer, cfg: DataConfig) -> str:
+    content = user_message(p, cfg.answer_format)
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    return content + "\n"
+
+
+def render_prompts(problems: list[Problem], tokenizer, cfg: DataConfig, split: str) -> list[Prompt]:
+    """Problems -> Prompts (chat template applied, tokenized); a too-long prompt names its row."""
+    out = []
+    for i, p in enumerate(problems):
+        text = render_text(p, tokenizer, cfg)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > cfg.max_prompt_tokens:
+            raise DataError(f"{split} row {i}: prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                            f"{cfg.max_prompt_tokens}")
+        out.append(Prompt(f"{split}-{i}", text, np.asarray(ids, dtype=np.int32), p.gold, dict(p.meta)))
+    return out
+
