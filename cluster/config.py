@@ -382,6 +382,10 @@ class Config(Section):
                 raise ValueError("reward.ttrl_vote must equal rollout.group_size (all samples vote)")
             if self.reward.ttrl_train > self.reward.ttrl_vote:
                 raise ValueError("reward.ttrl_train must be <= reward.ttrl_vote")
+        l_max = self.reward.overlong_max or r.max_new_tokens
+        if self.reward.overlong_buffer > l_max:
+            raise ValueError(f"reward.overlong_buffer ({self.reward.overlong_buffer}) must be <= the overlong "
+                             f"L_max ({l_max}: reward.overlong_max or rollout.max_new_tokens)")
         if self.data.task == "file" and not self.data.train_path:
             raise ValueError("data.train_path is required when data.task is 'file'")
         if r.prompts_per_step % self.learner.mini_batches:
