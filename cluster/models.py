@@ -14,7 +14,6 @@ import hashlib
 import importlib.util
 import json
 import math
-import random
 import shutil
 import string
 import time
@@ -23,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = 1
-TINY_ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
-TINY_SFT = dict(steps=600, batch=64, lr=3e-3, warmup=30)
+TINY_VERSION = 2
+TINY_ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32, max_position_embeddings=512)
+# Measured on the arith task: sampled accuracy climbs from ~10% to ~60% between updates 250 and 550 of this
+# schedule; stopping the cosine schedule at 450 leaves the partial accuracy RL needs room to improve.
+TINY_SFT = dict(steps=450, batch=32, lr=1e-2, warmup=20)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -81,21 +82,19 @@ def _sft_examples(tokenizer, task: str, n: int, seed: int):
     from cluster.config import DataConfig
     from cluster.tasks import synthetic_problems, render_text
 
+    cfg = DataConfig(task=task)
     out = []
-    for fmt in ("answer_line", "boxed"):
-        cfg = DataConfig(task=task, answer_format=fmt)
-        for p in synthetic_problems(task, n // 2, "sft", seed, difficulty=2, answer_format=fmt):
-            prompt = tokenizer(render_text(p, tokenizer, cfg), add_special_tokens=False)["input_ids"]
-            answer = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            out.append((prompt, answer))
-    random.Random(seed).shuffle(out)
+    for p in synthetic_problems(task, n, "sft", seed, difficulty=cfg.difficulty, answer_format=cfg.answer_format):
+        prompt = tokenizer(render_text(p, tokenizer, cfg), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append((prompt, answer))
     return out
 
 
 def _sft(model, tokenizer, task: str, steps: int, seed: int, log=print) -> None:
     """Supervised warm start on worked solutions (loss on response tokens only), AdamW + cosine."""
     hp = TINY_SFT
-    data = _sft_examples(tokenizer, task, steps * hp["batch"] // 4 + 256, seed)
+    data = _sft_examples(tokenizer, task, steps * hp["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -132,7 +131,7 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
     from cluster.tasks import render_text, synthetic_problems
 
     cfg = DataConfig(task=task)
-    probs = synthetic_problems(task, n, "eval", seed, difficulty=2)
+    probs = synthetic_problems(task, n, "eval", seed, difficulty=cfg.difficulty)
     tokenizer.padding_side = "left"
     enc = tokenizer([render_text(p, tokenizer, cfg) for p in probs], return_tensors="pt", padding=True,
                     add_special_tokens=False)

@@ -31,6 +31,7 @@ def runtime_env_vars() -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
         "TRITON_CACHE_DIR": str(root / "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
     }

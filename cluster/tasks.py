@@ -1,8 +1,8 @@
 """Problems to train and evaluate on: seeded synthetic verifiable tasks and local dataset files.
 
 Synthetic tasks (deterministic for a seed):
-- arith: left-to-right multi-step arithmetic over two-digit numbers with a short chain of thought,
-  "Compute 23+45-17." -> "23+45=68. 68-17=51. Answer: 51". Each intermediate digit is a decision point.
+- arith: left-to-right multi-step arithmetic over one-digit operands with a short chain of thought,
+  "Compute 7+8-4." -> "7+8=15. 15-4=11. Answer: 11". Each intermediate digit is a decision point.
 - countdown (TinyZero): reach a target with the given numbers, each used at most once,
   "Use 3, 8, 4 to make 20." -> "8*3=24. 24-4=20. Answer: (8*3)-4".
 Files: JSONL or Parquet read through `datasets`, in the GSM8K, MATH or DAPO-Math-17K layout (or custom
@@ -23,6 +23,7 @@ from cluster.config import DataConfig
 from cluster.types import Prompt
 
 SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3}
+ARITH_MAX = 9   # operands 1..9: a tiny model learns the table partly within minutes; carries stay hard
 
 
 @dataclass
@@ -40,13 +41,11 @@ class DataError(ValueError):
 # ---------------------------------------------------------------- synthetic tasks
 
 def _arith(rng: random.Random, difficulty: int, answer_format: str) -> Problem:
-    value = rng.randint(10, 99)
+    value = rng.randint(1, ARITH_MAX)
     expr, steps = str(value), []
     for _ in range(difficulty):
-        op = rng.choice("+-")
-        if op == "-" and value < 10:
-            op = "+"
-        operand = rng.randint(10, 99) if op == "+" else rng.randint(1, min(99, value))
+        op = rng.choice("+-") if value > 0 else "+"
+        operand = rng.randint(1, ARITH_MAX) if op == "+" else rng.randint(1, min(ARITH_MAX, value))
         new = value + operand if op == "+" else value - operand
         steps.append(f"{value}{op}{operand}={new}.")
         expr += f"{op}{operand}"

@@ -1,0 +1,87 @@
+"""Forking-token masks: which response tokens the policy gradient trains on (ALGORITHMS.md 1.2-1.3).
+
+Wang et al. 2506.01939 ("Beyond the 80/20 Rule") train only on the top-rho share of tokens by entropy,
+k = ceil(rho * N) of the N valid response tokens (verl `get_global_entropy_top_mask`: max(1, ceil)).
+Selection is exact and deterministic: exactly k tokens, ties in entropy broken by position (the earlier
+token wins), so the same entropies always give the same mask, and a mask over a concatenation (rank-major
+order, `learner.distributed.global_forking_mask`) is the mask of the concatenated batch.
+
+Scopes (AlgorithmConfig.entropy_scope) are the caller's choice of what `entropy` covers: one micro-batch
+(`micro`, the released 80/20 code; `compute_loss` does it), the rank's mini-batch (`mini`: the worker
+concatenates its micro-batches' entropies in order, calls `forking_mask`, slices the result per
+micro-batch) or the whole mini-batch across ranks (`global`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+VARIANTS = ("top", "bottom", "random")
+
+
+def top_count(n: int, rho: float) -> int:
+    """k = ceil(rho * n), at least 1 when n > 0. rho*n is rounded to 9 decimal places first so that
+    binary floating point does not turn 0.07 * 100 = 7.000000000000001 into 8."""
+    if not 0 < rho <= 1:
+        raise ValueError(f"top_entropy_ratio must be in (0, 1], got {rho!r}")
+    if n <= 0:
+        return 0
+    return min(n, max(1, math.ceil(round(rho * n, 9))))
+
+
+def selected_count(n: int, rho: float, variant: str = "top") -> int:
+    """How many of n valid tokens the mask selects: k for top/random, n - k for bottom. Known from counts
+    alone, so the caller can compute the `selected_tokens` normaliser before any forward pass."""
+    _check_variant(variant)
+    k = top_count(n, rho)
+    return n - k if variant == "bottom" else k
+
+
+def forking_mask(entropy: torch.Tensor, rho: float, variant: str = "top", *,
+                 valid: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """entropy [N] (detached) -> (mask [N] bool, tau).
+
+    Among the valid tokens (valid [N] bool, None = all):
+      top:    the k = top_count(n_valid, rho) highest-entropy tokens (ties: earlier position first);
+      bottom: the other n_valid - k tokens (the paper's "bottom 80%" ablation: exact complement of top);
+      random: k tokens drawn uniformly with `generator` (required, so runs are reproducible).
+    Invalid tokens are never selected. tau is the top-rho entropy threshold (the k-th highest valid
+    entropy) whatever the variant, NaN when there is no valid token.
+    """
+    _check_variant(variant)
+    if entropy.dim() != 1:
+        raise ValueError(f"entropy must be 1-D [N], got shape {tuple(entropy.shape)}")
+    n = entropy.numel()
+    if valid is not None and (valid.shape != (n,) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be a bool tensor of shape ({n},), got {tuple(valid.shape)} {valid.dtype}")
+    # positions of the valid tokens (None: all of them, the padding-free case, without indexing)
+    idx = None if valid is None or bool(valid.all()) else valid.nonzero().squeeze(1)
+    h = entropy.detach() if idx is None else entropy.detach()[idx]
+    if bool(torch.isnan(h).any()):
+        first = int(torch.isnan(h).nonzero()[0])
+        raise ValueError(f"entropy of token {first if idx is None else int(idx[first])} is NaN")
+    k = top_count(h.numel(), rho)
+    mask = torch.zeros(n, dtype=torch.bool, device=entropy.device)
+    if k == 0:
+        return mask, float("nan")
+    # stable descending sort: equal entropies keep their position order
+    order = torch.sort(h, descending=True, stable=True).indices
+    tau = float(h[order[k - 1]])
+    if variant == "top":
+        pick = order[:k]
+    elif variant == "bottom":
+        pick = order[k:]
+    else:
+        if generator is None:
+            raise ValueError("mask_variant='random' needs a seeded torch.Generator")
+        pick = torch.randperm(h.numel(), generator=generator, device=generator.device)[:k].to(h.device)
+    mask[pick if idx is None else idx[pick]] = True
+    return mask, tau
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"mask_variant must be one of {VARIANTS}, got {variant!r}")

@@ -1,0 +1,113 @@
+"""learner.masks against a slow reference: python sort by (-entropy, position) over the valid tokens."""
+
+import math
+from decimal import Decimal
+
+import pytest
+import torch
+
+from learner.masks import forking_mask, selected_count, top_count
+
+
+def ref_k(n: int, rho: float) -> int:
+    # decimal arithmetic on the rho the user wrote: 0.7 * 10 is exactly 7
+    return 0 if n == 0 else min(n, max(1, math.ceil(Decimal(repr(rho)) * n)))
+
+
+def ref_mask(entropy: list[float], valid: list[bool], rho: float, variant: str) -> tuple[list[bool], float]:
+    idx = [i for i in range(len(entropy)) if valid[i]]
+    order = sorted(idx, key=lambda i: (-entropy[i], i))
+    k = ref_k(len(idx), rho)
+    chosen = set(order[:k] if variant == "top" else order[k:])
+    tau = entropy[order[k - 1]] if k else math.nan
+    return [i in chosen for i in range(len(entropy))], tau
+
+
+@pytest.mark.parametrize("rho,n,k", [(0.7, 10, 7), (0.07, 100, 7), (0.28, 100, 28), (0.14, 50, 7), (0.2, 10, 2),
+                                     (0.2, 11, 3), (0.2, 5, 1), (1e-9, 1000, 1), (1.0, 37, 37), (0.5, 1, 1),
+                                     (0.3, 0, 0), (0.1, 30, 3), (0.35, 20, 7)])
+def test_top_count(rho, n, k):
+    assert top_count(n, rho) == k == ref_k(n, rho)
+
+
+@pytest.mark.parametrize("rho", [0.0, -0.1, 1.5, float("nan")])
+def test_rho_out_of_range(rho):
+    with pytest.raises(ValueError, match="top_entropy_ratio"):
+        top_count(10, rho)
+
+
+@pytest.mark.parametrize("variant", ["top", "bottom"])
+def test_matches_reference_with_ties_and_padding(variant):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        # few distinct values: many ties, including ties across the threshold
+        levels = int(torch.randint(1, 6, (1,), generator=g))
+        entropy = torch.randint(0, levels, (n,), generator=g).float() * 0.25
+        valid = torch.rand(n, generator=g) < (0.3 if trial % 3 == 0 else 1.0)   # heavy padding
+        rho = [0.2, 0.5, 0.01, 1.0, 0.33][trial % 5]
+        mask, tau = forking_mask(entropy, rho, variant, valid=valid)
+        ref, ref_tau = ref_mask(entropy.tolist(), valid.tolist(), rho, variant)
+        assert mask.tolist() == ref
+        assert (math.isnan(tau) and math.isnan(ref_tau)) or tau == ref_tau
+        assert int(mask.sum()) == selected_count(int(valid.sum()), rho, variant)
+
+
+def test_rho_one_selects_every_valid_token_and_tiny_rho_one():
+    entropy = torch.rand(40)
+    valid = torch.arange(40) % 4 != 0
+    assert forking_mask(entropy, 1.0, valid=valid)[0].tolist() == valid.tolist()
+    mask, tau = forking_mask(entropy, 1e-6, valid=valid)
+    best = int(torch.where(valid, entropy, -1.0).argmax())
+    assert mask.nonzero().flatten().tolist() == [best] and tau == float(entropy[best])
+
+
+def test_equal_entropies_pick_earliest_positions():
+    mask, tau = forking_mask(torch.full((10,), 0.5), 0.3)
+    assert mask.nonzero().flatten().tolist() == [0, 1, 2] and tau == 0.5
+    assert forking_mask(torch.full((10,), 0.5), 0.3, "bottom")[0].nonzero().flatten().tolist() == list(range(3, 10))
+
+
+def test_bottom_is_exact_complement_of_top():
+    entropy = torch.randint(0, 3, (101,)).float()
+    top, tau_top = forking_mask(entropy, 0.2)
+    bottom, tau_bottom = forking_mask(entropy, 0.2, "bottom")
+    assert not (top & bottom).any() and (top | bottom).all() and tau_top == tau_bottom
+
+
+def test_random_variant_is_seeded_exact_and_uniform():
+    entropy = torch.rand(200)
+    valid = torch.arange(200) % 5 != 0
+    m1, _ = forking_mask(entropy, 0.2, "random", valid=valid, generator=torch.Generator().manual_seed(7))
+    m2, _ = forking_mask(entropy, 0.2, "random", valid=valid, generator=torch.Generator().manual_seed(7))
+    m3, _ = forking_mask(entropy, 0.2, "random", valid=valid, generator=torch.Generator().manual_seed(8))
+    assert m1.tolist() == m2.tolist() and m1.tolist() != m3.tolist()
+    assert int(m1.sum()) == ref_k(160, 0.2) and not (m1 & ~valid).any()
+    # reference: the first k of the generator's permutation of the valid positions
+    perm = torch.randperm(160, generator=torch.Generator().manual_seed(7))[:32]
+    assert sorted(valid.nonzero().flatten()[perm].tolist()) == m1.nonzero().flatten().tolist()
+    # uniform: over many seeds every valid position is picked about rho of the time
+    hits = sum(forking_mask(entropy, 0.2, "random", valid=valid, generator=torch.Generator().manual_seed(s))[0]
+               .double() for s in range(400))
+    assert float(hits[~valid].sum()) == 0
+    assert 0.13 < float(hits[valid].min()) / 400 and float(hits[valid].max()) / 400 < 0.28
+
+
+def test_edge_cases_and_errors():
+    mask, tau = forking_mask(torch.rand(5), 0.5, valid=torch.zeros(5, dtype=torch.bool))
+    assert not mask.any() and math.isnan(tau)
+    mask, tau = forking_mask(torch.zeros(0), 0.2)
+    assert mask.shape == (0,) and math.isnan(tau)
+    with pytest.raises(ValueError, match="token 3 is NaN"):
+        forking_mask(torch.tensor([0.1, 0.2, 0.3, float("nan")]), 0.5)
+    # a NaN on a padding token is ignored
+    forking_mask(torch.tensor([0.1, float("nan")]), 0.5, valid=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="Generator"):
+        forking_mask(torch.rand(5), 0.5, "random")
+    with pytest.raises(ValueError, match="mask_variant"):
+        forking_mask(torch.rand(5), 0.5, "middle")
+    with pytest.raises(ValueError, match="valid"):
+        forking_mask(torch.rand(5), 0.5, valid=torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="1-D"):
+        forking_mask(torch.rand(5, 2), 0.5)
+
