@@ -15,19 +15,18 @@ import importlib.util
 import json
 import math
 import shutil
-import string
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-TINY_VERSION = 2
+TINY_VERSION = 3
 TINY_ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=32, max_position_embeddings=512)
-# Measured on the arith task: sampled accuracy climbs from ~10% to ~60% between updates 250 and 550 of this
-# schedule; stopping the cosine schedule at 450 leaves the partial accuracy RL needs room to improve.
-TINY_SFT = dict(steps=450, batch=32, lr=1e-2, warmup=20)
+# SFT stops once one sample per held-out problem at T=1 is right `target` of the time (checked every
+# `eval_every` updates, at most `steps`): partial accuracy, so RL has room to improve.
+TINY_SFT = dict(steps=800, batch=32, lr=1e-2, warmup=20, eval_every=25, target=0.35)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -62,18 +61,22 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def tiny_tokenizer():
-    """Character-level fast tokenizer: printable ASCII plus the chat special tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """Byte-level tokenizer with no merges: one token per byte plus the chat special tokens (259 ids).
 
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {t: i for i, t in enumerate(SPECIALS + ["<unk>"] + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", bos_token=None,
-                                   additional_special_tokens=SPECIALS[:2])
+    Byte-level BPE is what AutoTokenizer imposes on a `qwen2` checkpoint (it loads Qwen2Tokenizer whatever
+    the saved class), so the tokenizer vLLM and transformers load back is exactly this one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {t: i for i, t in enumerate(SPECIALS)}
+    for symbol in bytes_to_unicode().values():
+        vocab[symbol] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   bos_token=None, additional_special_tokens=SPECIALS[:2])
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -91,12 +94,18 @@ def _sft_examples(tokenizer, task: str, n: int, seed: int):
     return out
 
 
-def _sft(model, tokenizer, task: str, steps: int, seed: int, log=print) -> None:
-    """Supervised warm start on worked solutions (loss on response tokens only), AdamW + cosine."""
+def _sft(model, tokenizer, task: str, steps: int, seed: int, target: float | None, log=print) -> tuple[int, float]:
+    """Supervised warm start on worked solutions (loss on response tokens only), AdamW + cosine over `steps`.
+
+    With a `target`, the sampled accuracy is measured every `eval_every` updates and training stops once
+    it reaches the target: on this task accuracy jumps from ~10% to ~60% within ~200 updates at a point
+    that moves with the seed, so a fixed step count would land anywhere in that range. Returns
+    (updates done, last measured accuracy or NaN)."""
     hp = TINY_SFT
     data = _sft_examples(tokenizer, task, steps * hp["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
+    acc = float("nan")
     model.train()
     for step in range(steps):
         lr = hp["lr"] * min(1.0, (step + 1) / hp["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -118,20 +127,29 @@ def _sft(model, tokenizer, task: str, steps: int, seed: int, log=print) -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == steps - 1:
+        if target is not None and (step + 1) % hp["eval_every"] == 0:
+            model.eval()
+            acc = sampled_accuracy(model, tokenizer, task, split="sft-eval", seed=seed)
+            model.train()
+            log(f"sft step {step + 1}/{steps} loss {loss.item():.3f} sampled accuracy {acc:.3f}")
+            if acc >= target:
+                model.eval()
+                return step + 1, acc
+        elif step % 100 == 0:
             log(f"sft step {step}/{steps} loss {loss.item():.3f}")
     model.eval()
+    return steps, acc
 
 
 @torch.no_grad()
 def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, temperature: float = 1.0,
-                     max_new_tokens: int = 64) -> float:
-    """Accuracy of one temperature-T sample per held-out problem (transformers generate, exact answer)."""
+                     max_new_tokens: int = 64, split: str = "eval") -> float:
+    """Accuracy of one temperature-T sample per problem of `split` (transformers generate, exact answer)."""
     from cluster.config import DataConfig
     from cluster.tasks import render_text, synthetic_problems
 
     cfg = DataConfig(task=task)
-    probs = synthetic_problems(task, n, "eval", seed, difficulty=cfg.difficulty)
+    probs = synthetic_problems(task, n, split, seed, difficulty=cfg.difficulty)
     tokenizer.padding_side = "left"
     enc = tokenizer([render_text(p, tokenizer, cfg) for p in probs], return_tensors="pt", padding=True,
                     add_special_tokens=False)
@@ -151,7 +169,9 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
 
     out = Path(out_dir).resolve()
     steps = TINY_SFT["steps"] if sft_steps is None else sft_steps
-    spec = {"version": TINY_VERSION, "task": task, "sft_steps": steps, "seed": seed, "arch": TINY_ARCH}
+    target = TINY_SFT["target"] if sft_steps is None else None  # an explicit step count trains exactly that
+    spec = {"version": TINY_VERSION, "task": task, "sft_steps": steps, "target": target, "seed": seed,
+            "arch": TINY_ARCH}
     with _locked(out):
         if not force and _cached(out, spec):
             return out
@@ -161,13 +181,12 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
         config = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=10000.0,
                              bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id, **TINY_ARCH)
-        config.torch_dtype = torch.float32
+        config.dtype = torch.float32
         model = Qwen2ForCausalLM(config)
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads, 2))
         try:
-            if steps:
-                _sft(model, tok, task, steps, seed, log=log)
+            done = _sft(model, tok, task, steps, seed, target, log=log)[0] if steps else 0
             acc = sampled_accuracy(model, tok, task, seed=seed) if steps else 0.0
         finally:
             torch.set_num_threads(threads)
@@ -177,7 +196,7 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
         tok.save_pretrained(tmp)
         GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                          bos_token_id=tok.pad_token_id).save_pretrained(tmp)
-        info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()),
+        info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "sft_updates": done,
                 "sampled_accuracy_t1": acc, "build_seconds": round(time.time() - t0, 1)}
         (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
         _publish(tmp, out)
@@ -213,7 +232,7 @@ def import_smollm2(out_dir: str | Path, force: bool = False, log=print) -> Path:
         config = src.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # save_pretrained refuses GGUF-"quantized" models (PLATFORM.md)
-        config.torch_dtype = torch.float32
+        config.dtype = torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
         if [m for m in missing if "lm_head" not in m] or unexpected:

@@ -22,7 +22,7 @@ import numpy as np
 from cluster.config import DataConfig
 from cluster.types import Prompt
 
-SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3}
+SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3, "sft-eval": 4}
 ARITH_MAX = 9   # operands 1..9: a tiny model learns the table partly within minutes; carries stay hard
 
 

@@ -108,3 +108,20 @@ def test_last_boxed_is_brace_matched():
     assert last_boxed("a \\boxed{\\frac{1}{2}} b \\boxed{{x}+1}") == "{x}+1"
     assert last_boxed("\\boxed{unclosed") is None
     assert last_boxed("nothing") is None
+
+
+def test_tiny_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    """AutoTokenizer loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer: the ids must not change."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    text = render_prompts(synthetic_problems("arith", 1, "eval"), tok, DataConfig(), "eval")[0].text + "7+8=15. é\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert back(text, add_special_tokens=False)["input_ids"] == ids
+    assert back.decode(ids) == text
+    assert back.eos_token_id == tok.eos_token_id and back.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True) == \
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"

@@ -1,0 +1,340 @@
+"""Generator actor: one generation engine per Ray actor, G sampled responses per prompt, versioned weights.
+
+The engine is vLLM (the CPU build here, regular vLLM on GPUs). With `VLLM_ENABLE_V1_MULTIPROCESSING=0` it runs
+inside the actor process (starts in seconds instead of ~15 s) and then owns that process's torch threads and
+global RNG, which is why it lives in an actor of its own (PLATFORM.md). `rollout.backend="hf"` selects
+transformers `generate` instead: a comparison baseline that must be chosen explicitly, never a fallback.
+
+Log-probs are the sampler's own for the sampled token. `rollout.logprobs_mode=processed_logprobs` (default)
+gives log-probs of the distribution actually sampled from (after temperature and top-p), which is what the
+importance ratio needs; vLLM's own default is the raw model distribution.
+
+Weights arrive through cluster/weightsync.py: `init_weight_sync` joins the private group (every vLLM worker
+is one rank), then each `receive_weights` takes one versioned sync. Ray runs one method of an actor at a time,
+so a sync always lands between two `generate` calls and every rollout carries exactly the version it was
+sampled with.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from cluster.config import Config, RolloutConfig
+from cluster.types import Prompt, Response, Rollout
+
+EXTENSION = "actors.vllm_ext.WeightSyncWorker"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample one call: n responses per prompt; temperature 0 is greedy (tests, references)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+    def __post_init__(self):
+        if self.n < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling {self}: need n >= 1, temperature >= 0, 0 < top_p <= 1, "
+                             f"max_new_tokens >= 1")
+
+    @classmethod
+    def train(cls, r: RolloutConfig) -> "Sampling":
+        return cls(r.group_size, r.temperature, r.top_p, r.max_new_tokens)
+
+    @classmethod
+    def eval(cls, r: RolloutConfig) -> "Sampling":
+        return cls(r.eval_samples, r.eval_temperature, r.eval_top_p, r.max_new_tokens)
+
+
+@dataclass
+class _Sample:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str
+
+
+# vLLM's reload allocates fresh full-size layer tensors at every sync; with glibc's default each large block is
+# a new mmap whose pages fault in again every time (SmolLM2 reload ~0.87 s -> ~0.4 s without them, 1 thread).
+# Keeping freed blocks in the heap costs nothing here: the next sync reuses exactly the same sizes.
+MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def engine_env(r: RolloutConfig) -> dict[str, str]:
+    """Process environment of a generator actor (on top of cluster.runtime.runtime_env_vars())."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(r.threads),
+            "VLLM_LOGGING_LEVEL": "WARNING", "GLIBC_TUNABLES": MALLOC_KEEP}
+
+
+def _eos_ids(model_path: str, tokenizer) -> list[int]:
+    """Stop tokens of the checkpoint (generation_config.json) plus the tokenizer's EOS: both engines stop on
+    the same set (vLLM is told not to read generation_config for sampling defaults)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:   # no generation_config.json
+        eos = None
+    ids = set([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+class _VLLMEngine:
+    def __init__(self, model_path: str, r: RolloutConfig, dtype: str, seed: int, max_model_len: int):
+        from vllm import LLM
+
+        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                       kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), enforce_eager=r.enforce_eager,
+                       tensor_parallel_size=r.tensor_parallel_size, max_num_seqs=r.max_num_seqs,
+                       logprobs_mode=r.logprobs_mode, worker_extension_cls=EXTENSION,
+                       # sampling comes only from our SamplingParams, never from generation_config.json
+                       generation_config="vllm", disable_log_stats=True)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.eos = _eos_ids(model_path, self.tokenizer)
+
+    def generate(self, prompt_ids: list[list[int]], s: Sampling) -> list[list[_Sample]]:
+        from vllm import SamplingParams
+
+        # detokenize=False: vLLM would otherwise also decode every logprob token one by one (~15% of the
+        # tiny model's throughput); one batch_decode at the end gives the same text.
+        params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=0,
+                                max_tokens=s.max_new_tokens, logprobs=0, flat_logprobs=True, detokenize=False,
+                                stop_token_ids=self.eos)
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        flat = [o for out in outs for o in out.outputs]
+        texts = self.tokenizer.batch_decode([list(o.token_ids) for o in flat], skip_special_tokens=True)
+        samples = []
+        for o, text in zip(flat, texts):
+            # logprobs=0 returns exactly the sampled token at each position (flat: one entry each)
+            lp = o.logprobs
+            if list(lp.token_ids) != list(o.token_ids):
+                raise RuntimeError("vLLM returned logprobs that are not those of the sampled tokens")
+            samples.append(_Sample(list(o.token_ids), list(lp.logprobs), o.finish_reason or "length", text))
+        return [samples[i * s.n:(i + 1) * s.n] for i in range(len(outs))]
+
+    def init_sync(self, host, port, rank_offset, world_size, timeout_s, backend) -> list[int]:
+        return self.llm.collective_rpc("forkrl_init_sync",
+                                       args=(host, port, rank_offset, world_size, timeout_s, backend))
+
+    def wait_manifest(self) -> dict:
+        return self.llm.collective_rpc("forkrl_wait_manifest")[0]
+
+    def reload(self) -> dict:
+        out = self.llm.collective_rpc("forkrl_reload")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        return out[0]
+
+    def close_sync(self) -> None:
+        self.llm.collective_rpc("forkrl_close_sync")
+
+
+class _HFEngine:
+    """transformers `generate` (batched, KV cache): the comparison backend."""
+
+    def __init__(self, model_path: str, r: RolloutConfig, dtype: str, seed: int, max_model_len: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(r.threads)
+        torch.manual_seed(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+        self.eos = set(_eos_ids(model_path, self.tokenizer))
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos)
+        self.max_model_len = max_model_len
+        self._rx = self._manifest = None
+
+    def generate(self, prompt_ids: list[list[int]], s: Sampling) -> list[list[_Sample]]:
+        import torch
+
+        width = max(map(len, prompt_ids))
+        ids = torch.full((len(prompt_ids), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        greedy = s.temperature == 0
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=not greedy, num_return_sequences=s.n,
+                temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p, top_k=0,
+                max_new_tokens=s.max_new_tokens, eos_token_id=sorted(self.eos), pad_token_id=self.pad,
+                output_scores=True, return_dict_in_generate=True)
+            seqs = out.sequences[:, width:]
+            # scores are after temperature/top-p: their log_softmax is the sampling distribution
+            lps = torch.stack([sc.float().log_softmax(-1).gather(-1, seqs[:, t, None])[:, 0]
+                               for t, sc in enumerate(out.scores)], 1)
+        groups = []
+        for i in range(len(prompt_ids)):
+            samples = []
+            for j in range(i * s.n, (i + 1) * s.n):
+                toks = seqs[j].tolist()
+                end = next((k + 1 for k, t in enumerate(toks) if t in self.eos), None)
+                reason = "length" if end is None else "stop"
+                toks = toks[:end]
+                samples.append(_Sample(toks, lps[j, :len(toks)].tolist(), reason,
+                                       self.tokenizer.decode(toks, skip_special_tokens=True)))
+            groups.append(samples)
+        return groups
+
+    def init_sync(self, host, port, rank_offset, world_size, timeout_s, backend) -> list[int]:
+        from cluster.weightsync import WeightReceiver
+
+        self.close_sync()
+        self._rx = WeightReceiver(host, port, rank_offset, world_size, timeout_s=timeout_s, backend=backend)
+        return [rank_offset]
+
+    def wait_manifest(self) -> dict:
+        t0 = time.perf_counter()
+        self._manifest = m = self._rx.receive_manifest()
+        return {"version": m.version, "tensors": len(m.specs), "bytes": sum(x.nbytes for x in m.specs),
+                "wait_s": time.perf_counter() - t0}
+
+    def reload(self) -> dict:
+        import torch
+
+        manifest, self._manifest = self._manifest, None
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for name, t in self._rx.tensors(manifest):
+                self.model.get_parameter(name).copy_(t)   # resolves a tied lm_head to the embedding
+        return {"version": manifest.version, "receive_s": self._rx.timing.get("receive_s", float("nan")),
+                "apply_s": time.perf_counter() - t0}
+
+    def close_sync(self) -> None:
+        if self._rx is not None:
+            self._rx.close()
+            self._rx = None
+
+
+class Generator:
+    """Body of a generator Ray actor; create it with `generator_actor` or `start_generators`."""
+
+    def __init__(self, generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
+                 seed: int = 0, max_model_len: int = 512):
+        self.generator_id, self.rollout = generator_id, rollout
+        self.max_model_len = max_model_len
+        engine = {"vllm": _VLLMEngine, "hf": _HFEngine}[rollout.backend]
+        t0 = time.perf_counter()
+        self.engine = engine(model_path, rollout, dtype, seed, max_model_len)
+        self.start_s = time.perf_counter() - t0
+        self.version = 0          # the checkpoint the engine was started from
+        self.broken: str | None = None
+        self._sync_ok = False     # a joined weight-sync group that has not failed
+        self._counter = 0
+
+    def info(self) -> dict:
+        import torch
+
+        return {"generator_id": self.generator_id, "backend": self.rollout.backend, "version": self.version,
+                "start_s": self.start_s, "broken": self.broken, "threads": torch.get_num_threads()}
+
+    def generate(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Rollout]:
+        """One Rollout (G = sampling.n responses) per prompt, tagged with the current weights version."""
+        s = sampling or Sampling.train(self.rollout)
+        return self._run(prompts, s, prefix="")
+
+    def evaluate(self, prompts: list[Prompt]) -> list[Rollout]:
+        """Eval sampling: rollout.eval_samples responses per prompt at eval_temperature / eval_top_p."""
+        return self._run(prompts, Sampling.eval(self.rollout), prefix="eval")
+
+    def _run(self, prompts: list[Prompt], s: Sampling, prefix: str) -> list[Rollout]:
+        if self.broken:
+            raise RuntimeError(f"generator {self.generator_id}: {self.broken}")
+        ids = []
+        for p in prompts:
+            tokens = np.asarray(p.token_ids)
+            if tokens.ndim != 1 or tokens.size == 0 or not np.issubdtype(tokens.dtype, np.integer):
+                raise ValueError(f"prompt {p.prompt_id!r}: token_ids must be a non-empty 1-D integer array")
+            if tokens.size + s.max_new_tokens > self.max_model_len:
+                raise ValueError(f"prompt {p.prompt_id!r}: {tokens.size} prompt tokens + {s.max_new_tokens} new "
+                                 f"tokens exceed the engine's max_model_len {self.max_model_len}")
+            ids.append(tokens.astype(np.int64).tolist())
+        t0 = time.perf_counter()
+        groups = self.engine.generate(ids, s) if ids else []
+        seconds = time.perf_counter() - t0
+        batch_tokens = sum(len(x.token_ids) for g in groups for x in g)
+        out = []
+        for p, samples in zip(prompts, groups):
+            self._counter += 1
+            responses = [Response(np.asarray(x.token_ids, dtype=np.int32), np.asarray(x.logprobs, dtype=np.float32),
+                                  x.text, x.finish_reason) for x in samples]
+            out.append(Rollout(
+                group_id=f"{self.generator_id}-{prefix}{self._counter}", prompt_id=p.prompt_id,
+                prompt_ids=np.asarray(p.token_ids, dtype=np.int32), prompt=p.text, responses=responses,
+                version=self.version, generator_id=self.generator_id, gold=p.gold, meta=dict(p.meta),
+                timing={"generate_s": seconds, "tokens": float(sum(len(r.token_ids) for r in responses)),
+                        "batch_tokens": float(batch_tokens)}))
+        return out
+
+    # ----------------------------------------------------------------------------- weight sync
+
+    def sync_ranks(self) -> int:
+        """Ranks this generator takes in the sync group (one per vLLM worker)."""
+        return self.rollout.tensor_parallel_size if self.rollout.backend == "vllm" else 1
+
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
+                         backend: str = "auto") -> list[int]:
+        """Join the sync group as ranks rank_offset .. rank_offset + sync_ranks() - 1 (blocks until all
+        ranks, the learner's rank 0 included, have joined or timeout_s passed)."""
+        self._sync_ok = False
+        ranks = self.engine.init_sync(host, port, rank_offset, world_size, timeout_s, backend)
+        self._sync_ok = True
+        return ranks
+
+    def receive_weights(self) -> dict:
+        """Take one sync: wait for the learner's manifest, receive and reload, drop the prefix cache.
+
+        Returns {"version", "tensors", "bytes", "wait_s", "receive_s", "apply_s"} (seconds; apply_s is the
+        overlapped receive + reload). A failure before any weight arrived keeps the old weights usable; one
+        during the reload leaves the engine refusing to generate until it is restarted.
+        """
+        if self.broken:
+            raise RuntimeError(f"generator {self.generator_id}: {self.broken}")
+        if not self._sync_ok:
+            raise RuntimeError(f"generator {self.generator_id}: no usable weight-sync group (a sync failed or "
+                               f"none was joined): call init_weight_sync on every rank again")
+        self._sync_ok = False   # until this sync completes: after any failure the group's ranks are out of step
+        head = self.engine.wait_manifest()
+        try:
+            done = self.engine.reload()
+        except BaseException as e:
+            self.broken = f"weights partially reloaded by a failed sync to version {head['version']}: {e}"
+            raise
+        self.version = done["version"]
+        self._sync_ok = True
+        return {**head, **done}
+
+    def close_weight_sync(self) -> None:
+        self._sync_ok = False
+        self.engine.close_sync()
+
+
+def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
+                    seed: int = 0, max_model_len: int = 512, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                    **actor_options):
+    """Start one generator Ray actor with the engine environment (PLATFORM.md) merged into forkrl's;
+    actor_options (e.g. a placement-group scheduling_strategy) go to Ray's `.options`."""
+    import ray
+
+    from cluster.runtime import runtime_env_vars
+
+    env = {**runtime_env_vars(), **engine_env(rollout)}
+    cls = ray.remote(Generator).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
+                                        **actor_options)
+    return cls.remote(generator_id, str(model_path), rollout, dtype=dtype, seed=seed, max_model_len=max_model_len)
+
+
+def start_generators(cfg: Config, model_path: str) -> list:
+    """`rollout.num_generators` actors, each with its own seed and id gen0, gen1, ..."""
+    return [generator_actor(f"gen{i}", model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed + i,
+                            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                            num_cpus=cfg.cluster.generator_cpus, num_gpus=cfg.cluster.generator_gpus)
+            for i in range(cfg.rollout.num_generators)]
