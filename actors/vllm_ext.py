@@ -1,0 +1,80 @@
+"""vLLM worker extension: the generator side of the weight sync, running inside each vLLM worker.
+
+vLLM mixes this class into its worker (`LLM(..., worker_extension_cls="actors.vllm_ext.WeightSyncWorker")`)
+and the generator actor reaches its methods with `llm.collective_rpc(name, args=...)`, so with tensor
+parallelism every worker joins the sync group and reloads its own shard. Only plain values cross
+`collective_rpc`; the tensors come through the private group of cluster/weightsync.py.
+
+Weights are reloaded through `reload_weights(weights_iterator=..., is_checkpoint_format=True)`, the path
+that works on CPU (PLATFORM.md: `model.load_weights` leaves the repacked CPU linear layers empty). It gets
+one generator over the whole sync, fed as buckets arrive, so vLLM's layer-wise processing of early layers
+overlaps the receive of later buckets; calling it per bucket would process layers split across buckets
+partially.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cluster.weightsync import WeightReceiver
+
+
+class WeightSyncWorker:
+    """Methods are prefixed `forkrl_` so they cannot collide with vLLM's own worker attributes."""
+
+    def forkrl_init_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
+                         backend: str) -> int:
+        """Join the sync group as rank `rank_offset + this worker's vLLM rank`; blocks until all joined."""
+        self.forkrl_close_sync()
+        rank = rank_offset + self.rank
+        self._forkrl_receiver = WeightReceiver(host, port, rank, world_size, timeout_s=timeout_s,
+                                               backend=backend)
+        return rank
+
+    def _forkrl_rx(self) -> WeightReceiver:
+        rx = getattr(self, "_forkrl_receiver", None)
+        if rx is None:
+            raise RuntimeError("forkrl_init_sync was not called on this worker")
+        return rx
+
+    def forkrl_wait_manifest(self) -> dict:
+        """Block until the sender starts a sync (at most sync.timeout_s). A failure here leaves the model
+        untouched, which is why this is a call of its own."""
+        t0 = time.perf_counter()
+        self._forkrl_manifest = self._forkrl_rx().receive_manifest()
+        m = self._forkrl_manifest
+        return {"version": m.version, "tensors": len(m.specs), "bytes": sum(s.nbytes for s in m.specs),
+                "wait_s": time.perf_counter() - t0}
+
+    def forkrl_reload(self) -> dict:
+        """Receive the announced tensors while reloading them into the running model. A failure here
+        leaves layers half reloaded: the engine must not generate until a full reload."""
+        rx, manifest = self._forkrl_rx(), getattr(self, "_forkrl_manifest", None)
+        if manifest is None:
+            raise RuntimeError("forkrl_reload without a manifest: call forkrl_wait_manifest first")
+        self._forkrl_manifest = None
+        rx.timing.clear()
+        t0 = time.perf_counter()
+        self.reload_weights(weights_iterator=rx.tensors(manifest), is_checkpoint_format=True)
+        self._forkrl_repack_tied_lm_head()
+        return {"version": manifest.version, "receive_s": rx.timing.get("receive_s", float("nan")),
+                "apply_s": time.perf_counter() - t0}
+
+    def _forkrl_repack_tied_lm_head(self) -> None:
+        """vLLM-CPU packs the lm_head matrix into its own oneDNN handle. A tied lm_head has no checkpoint
+        tensor of its own, so the layer-wise reload skips it and it would keep multiplying by the OLD
+        embedding: repack it from the (already reloaded, shared) embedding weight. GPU builds use the
+        weight directly and need nothing."""
+        from vllm.platforms import current_platform
+
+        model = self.get_model()
+        lm_head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+        if (current_platform.is_cpu() and lm_head is not None and embed is not None
+                and getattr(lm_head, "weight", None) is getattr(embed, "weight", False)):
+            lm_head.quant_method.process_weights_after_loading(lm_head)
+
+    def forkrl_close_sync(self) -> None:
+        rx = getattr(self, "_forkrl_receiver", None)
+        if rx is not None:
+            rx.close()
+            self._forkrl_receiver = None

@@ -1,0 +1,337 @@
+"""Versioned weight sync: learner rank 0 broadcasts named tensors to every generator worker.
+
+A private process group (gloo on CPU, NCCL on GPU) that never touches the default process group of either
+side (ARCHITECTURE.md "Weight sync", PLATFORM.md "Weight broadcast on CPU"). One sync is:
+
+1. a header `[magic, manifest length]` (int64) then the manifest itself as msgpack bytes in a uint8 tensor:
+   version, bucket size and (name, shape, dtype) of every tensor, in send order. No pickle: a receiver
+   never executes anything the sender wrote.
+2. the tensors packed into buckets of `bucket_bytes` (a larger tensor gets a bucket of its own), one
+   broadcast per bucket. Both sides derive the same bucket layout from the manifest with `plan_buckets`.
+
+The receiver keeps its bucket buffers between syncs (fresh buffers cost page faults on every sync) and
+yields tensors as their bucket arrives, so a consumer such as vLLM's layer-wise reload overlaps the receive.
+Every collective waits at most `timeout_s`: a dead or absent peer raises `SyncError`, never hangs; the
+group is unusable afterwards and must be rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+MAGIC = 0x666B726C7773  # "fkrlws": rejects a peer speaking another protocol
+_ALIGN = 64             # byte alignment of every tensor inside a bucket (any dtype view is legal)
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
+
+
+class SyncError(RuntimeError):
+    """A weight sync failed (timeout, dead peer, bad manifest); the group must be rebuilt."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str                      # key of _DTYPES, e.g. "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+
+    @classmethod
+    def of(cls, name: str, t: torch.Tensor) -> "TensorSpec":
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise SyncError(f"tensor {name!r}: dtype {dtype} cannot be synced")
+        return cls(name, tuple(t.shape), dtype)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: int
+    bucket_bytes: int
+    specs: tuple[TensorSpec, ...]
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"version": self.version, "bucket_bytes": self.bucket_bytes,
+                              "tensors": [[s.name, list(s.shape), s.dtype] for s in self.specs]})
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Manifest":
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+            version, bucket_bytes, rows = obj["version"], obj["bucket_bytes"], obj["tensors"]
+        except Exception as e:  # malformed bytes or missing keys: name what was expected
+            raise SyncError(f"weight manifest is not a msgpack map with version/bucket_bytes/tensors: {e}") from None
+        if not isinstance(version, int) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise SyncError(f"weight manifest: bad version {version!r} or bucket_bytes {bucket_bytes!r}")
+        specs = []
+        for i, row in enumerate(rows):
+            ok = (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                  and isinstance(row[1], list) and all(isinstance(d, int) and d >= 0 for d in row[1])
+                  and row[2] in _DTYPES)
+            if not ok:
+                raise SyncError(f"weight manifest: tensor row {i} is not [name, shape, known dtype]: {row!r}")
+            specs.append(TensorSpec(row[0], tuple(row[1]), row[2]))
+        return cls(version, bucket_bytes, tuple(specs))
+
+
+@dataclass(frozen=True)
+class Bucket:
+    nbytes: int
+    entries: tuple[tuple[int, int], ...]     # (index into specs, byte offset in the bucket)
+
+
+def plan_buckets(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[Bucket]:
+    """Pack tensors in order into buckets of at most bucket_bytes (one larger tensor fills its own)."""
+    buckets, entries, used = [], [], 0
+    for i, s in enumerate(specs):
+        start = -(-used // _ALIGN) * _ALIGN
+        if entries and start + s.nbytes > bucket_bytes:
+            buckets.append(Bucket(used, tuple(entries)))
+            entries, start = [], 0
+        entries.append((i, start))
+        used = start + s.nbytes
+    if entries:
+        buckets.append(Bucket(used, tuple(entries)))
+    return buckets
+
+
+def _view(buf: torch.Tensor, offset: int, spec: TensorSpec) -> torch.Tensor:
+    return buf[offset:offset + spec.nbytes].view(_DTYPES[spec.dtype]).view(spec.shape)
+
+
+def _why(e: BaseException) -> str:
+    """The first line of a c10d error (the rest is a C++ stack trace)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise SyncError("sync.backend is 'nccl' but this process sees no GPU")
+    return backend
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
+    """A process group of its own (TCPStore + backend object): the default group is never initialised."""
+    timeout = timedelta(seconds=timeout_s)
+    listener = None
+    try:
+        if rank == 0:
+            # Bind the rendezvous socket ourselves so it listens on `host` only (127.0.0.1 for a local run),
+            # not on every interface as TCPStore's own listener would.
+            listener = socket.create_server((host, port), reuse_port=False)
+            store = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                                  master_listen_fd=listener.detach(), use_libuv=False)
+        else:
+            store = dist.TCPStore(host, port, world_size, False, timeout)
+        if backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            return store, dist.ProcessGroupGloo(store, rank, world_size, opts)
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return store, dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    except (RuntimeError, OSError) as e:  # rendezvous timed out / refused: say who and where
+        raise SyncError(f"weight-sync group {host}:{port} rank {rank}/{world_size} ({backend}) "
+                        f"could not form within {timeout_s} s: {_why(e)}") from None
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+class BroadcastGroup:
+    """The private group itself: broadcasts from rank 0 with a timeout on every one (senders and receivers
+    below are built on it; the weight-sync benchmark uses it raw)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
+        if not 0 <= rank < world_size or world_size < 2:
+            raise SyncError(f"weight-sync rank {rank} outside world of size {world_size} (need >= 2 ranks)")
+        self.backend = resolve_backend(backend)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" \
+            else torch.device("cpu")
+        self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
+        self._store, self._pg = _open_group(host, port, rank, world_size, timeout_s, self.backend)
+
+    def start(self, t: torch.Tensor):
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        opts.timeout = timedelta(seconds=self.timeout_s)
+        try:
+            return self._pg.broadcast([t], opts)
+        except RuntimeError as e:
+            raise SyncError(f"weight-sync broadcast failed to start: {_why(e)}") from None
+
+    def wait(self, work) -> None:
+        try:
+            work.wait(timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise SyncError(f"weight-sync broadcast failed or timed out after {self.timeout_s} s "
+                            f"(dead or absent peer?): {_why(e)}") from None
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        self.wait(self.start(t))
+
+    def close(self) -> None:
+        self._pg = self._store = None
+
+
+class WeightSender:
+    """Learner rank 0's end (rank 0 of the group). Constructing it blocks until every receiver has joined,
+    so the driver creates the sender and the receivers concurrently."""
+
+    def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float = 60.0,
+                 bucket_mb: float = 128, backend: str = "auto"):
+        self.group = BroadcastGroup(host, port, 0, world_size, timeout_s, backend)
+        self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
+        self._buffers: list[torch.Tensor] = []   # two bucket buffers: fill one while the other is on the wire
+
+    def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
+             specs: Sequence[TensorSpec] | None = None) -> dict[str, float]:
+        """Broadcast `named_tensors` (HF checkpoint names) as weights `version`.
+
+        `specs` announces names, shapes and dtypes up front so the tensors themselves may be produced lazily,
+        e.g. gathered module by module from ZeRO-3 shards while earlier buckets are on the wire; without it
+        the iterable is materialised first. The iterable must then yield exactly `specs`, in order.
+        Returns {"bytes", "prepare_s" (first bucket packed + manifest sent), "send_s" (the rest)}.
+        """
+        t0 = time.perf_counter()
+        if specs is None:
+            named_tensors = list(named_tensors)
+            specs = [TensorSpec.of(n, t) for n, t in named_tensors]
+        manifest = Manifest(int(version), self.bucket_bytes, tuple(specs))
+        buckets = plan_buckets(manifest.specs, manifest.bucket_bytes)
+        g = self.group
+        largest = max((b.nbytes for b in buckets), default=0)
+        if not self._buffers or self._buffers[0].numel() < largest:
+            self._buffers = [torch.empty(largest, dtype=torch.uint8, device=g.device) for _ in range(2)]
+        it = iter(named_tensors)
+
+        def pack(k: int) -> torch.Tensor:
+            buf = self._buffers[k % 2]
+            for i, offset in buckets[k].entries:
+                spec = manifest.specs[i]
+                name, t = next(it, (None, None))
+                if name != spec.name or tuple(t.shape) != spec.shape or TensorSpec.of(name, t).dtype != spec.dtype:
+                    got = None if t is None else (name, tuple(t.shape), str(t.dtype))
+                    raise SyncError(f"tensor #{i} does not match the manifest: expected {spec}, got {got}")
+                _view(buf, offset, spec).copy_(t.detach())
+            return buf[:buckets[k].nbytes]
+
+        # The first bucket is packed before the manifest goes out: receivers start their clock (and their
+        # reload) when the manifest arrives, and the first bucket is the only one nothing overlaps with.
+        first = pack(0) if buckets else None
+        data = manifest.encode()
+        g.broadcast(torch.tensor([MAGIC, len(data)], dtype=torch.int64, device=g.device))
+        g.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(g.device))
+        t1 = time.perf_counter()
+        pending: list = [None, None]
+        for k in range(len(buckets)):
+            slot = k % 2
+            if k:
+                if pending[slot] is not None:
+                    g.wait(pending[slot])   # bucket k-2 left this buffer
+                pending[slot] = g.start(pack(k))
+            else:
+                pending[slot] = g.start(first)
+        for w in pending:
+            if w is not None:
+                g.wait(w)
+        if next(it, None) is not None:
+            raise SyncError("more tensors than the manifest announced")
+        return {"bytes": float(sum(s.nbytes for s in manifest.specs)), "prepare_s": t1 - t0,
+                "send_s": time.perf_counter() - t1}
+
+    def close(self) -> None:
+        self.group.close()
+
+
+class WeightReceiver:
+    """A generator worker's end (rank >= 1)."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, timeout_s: float = 60.0,
+                 backend: str = "auto"):
+        self.group = BroadcastGroup(host, port, rank, world_size, timeout_s, backend)
+        self._buffers: list[torch.Tensor] = []
+        self.timing: dict[str, float] = {}
+
+    def receive_manifest(self) -> Manifest:
+        """Block (up to timeout_s) until the sender starts a sync; return what it will send."""
+        g = self.group
+        header = torch.zeros(2, dtype=torch.int64, device=g.device)
+        g.broadcast(header)
+        magic, length = header.tolist()
+        if magic != MAGIC or not 0 < length < 1 << 31:
+            raise SyncError(f"weight-sync header {header.tolist()} is not from a forkrl WeightSender")
+        data = torch.empty(length, dtype=torch.uint8, device=g.device)
+        g.broadcast(data)
+        return Manifest.decode(data.cpu().numpy().tobytes())
+
+    def _ensure_buffers(self, buckets: list[Bucket]) -> None:
+        sizes = [b.nbytes for b in buckets]
+        if [b.numel() for b in self._buffers] != sizes:
+            # zero_() touches every page now rather than inside the timed receive of each sync
+            self._buffers = [torch.zeros(n, dtype=torch.uint8, device=self.group.device) for n in sizes]
+
+    def tensors(self, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) as each bucket arrives; a background thread receives later buckets meanwhile.
+
+        The tensors are views of buffers reused by the next sync: consume (copy) them before then. The
+        generator must be exhausted (or closed) before the next collective on this group.
+        """
+        buckets = plan_buckets(manifest.specs, manifest.bucket_bytes)
+        self._ensure_buffers(buckets)
+        arrived: queue.Queue = queue.Queue()
+        g = self.group
+
+        def receive() -> None:
+            t0 = time.perf_counter()
+            try:
+                for k, buf in enumerate(self._buffers):
+                    g.broadcast(buf)
+                    arrived.put(k)
+            except BaseException as e:  # hand the failure to the consumer
+                arrived.put(e)
+            self.timing["receive_s"] = time.perf_counter() - t0
+
+        thread = threading.Thread(target=receive, name="weight-receive", daemon=True)
+        thread.start()
+        try:
+            for k, bucket in enumerate(buckets):
+                try:
+                    got = arrived.get(timeout=g.timeout_s + 5)
+                except queue.Empty:
+                    raise SyncError(f"bucket {k} did not arrive within {g.timeout_s} s") from None
+                if isinstance(got, BaseException):
+                    raise got
+                for i, offset in bucket.entries:
+                    spec = manifest.specs[i]
+                    yield spec.name, _view(self._buffers[k], offset, spec)
+        finally:
+            # a consumer that stops early must not leave a broadcast in flight under the next collective
+            thread.join(g.timeout_s + 5)
+
+    def close(self) -> None:
+        self.group.close()
