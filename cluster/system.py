@@ -166,30 +166,26 @@ class System:
                          dynamic_ncols=True)
 
     def _start_ray(self) -> None:
+        """Join the cluster of RAY_ADDRESS / cluster.address / a `ray start` on this machine (as under
+        `ray job submit`), else start a private local one. Never join another process's private Ray."""
         import ray
 
         from cluster.runtime import runtime_env_vars
 
         env = {"env_vars": runtime_env_vars()}
-        address = self.cfg.cluster.address or os.environ.get("RAY_ADDRESS")
         if ray.is_initialized():  # e.g. tests that share one Ray session
             self.local = len([n for n in ray.nodes() if n.get("Alive")]) == 1
             return
+        address = self.cfg.cluster.address or _started_cluster()
         if address:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
-            self.local = False
+            ray.init(address=address, runtime_env=env)
+            self.local = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+            log.info("joined the Ray cluster at %s", address)
             return
-        try:  # a running cluster on this machine (`ray start --head`, or inside `ray job submit`)
-            ray.init(address="auto", runtime_env=env)
-            self.local = False
-        except ConnectionError:
-            ray.init(num_cpus=self.cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
-                     dashboard_host=self.cfg.cluster.dashboard_host, _temp_dir=None)
-            self._ray_started = True
-            self.local = True
-        if not self.local:
-            nodes = [n for n in ray.nodes() if n.get("Alive")]
-            self.local = len(nodes) == 1
+        ray.init(num_cpus=self.cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
+                 dashboard_host=self.cfg.cluster.dashboard_host)
+        self._ray_started = True
+        self.local = True
 
     def _start_queue(self) -> None:
         from cluster.queue import open_queue
@@ -490,6 +486,16 @@ class System:
         path = write_report(self.run_dir)
         log.info("report %s", path)
         print(f"run directory: {self.run_dir}\nreport: {path}")
+
+
+def _started_cluster() -> str | None:
+    """RAY_ADDRESS, or the cluster a `ray start` on this machine recorded; None when there is neither (a
+    bare `ray.init(address="auto")` would also join any other process's private local Ray)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
 
 
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
