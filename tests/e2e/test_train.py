@@ -55,8 +55,10 @@ def rows(run_dir: Path) -> list[dict]:
 
 def test_sync_run_flows_and_improves(tmp_path, tiny_model_dir):
     steps = 10
+    # 16 fixed training problems at a high learning rate: the policy must fit them within 10 steps
     run_dir, log, scrape = run_train(tmp_path, f"model.path={tiny_model_dir}", f"run.steps={steps}",
-                                     "run.eval_every=5", "run.seed=1", "checkpoint.every=5")
+                                     "run.eval_every=5", "run.seed=1", "checkpoint.every=5",
+                                     "data.train_size=16", "learner.lr=3e-4")
     recs = rows(run_dir)
     train = [r for r in recs if "time/step_s" in r]
     assert [int(r["step"]) for r in train] == list(range(1, steps + 1))
@@ -69,9 +71,9 @@ def test_sync_run_flows_and_improves(tmp_path, tiny_model_dir):
         assert r["learner/logprob_mismatch_mean"] < 1e-3  # vLLM sampler vs learner recompute, float32
     evals = [r for r in recs if "eval/accuracy_avg" in r]
     assert [int(r["step"]) for r in evals] == [0, 5, 10]
-    # a seeded short run improves its reward over the first step
-    first, late = train[0]["reward/mean"], sum(r["reward/mean"] for r in train[-3:]) / 3
-    assert late > first, [r["reward/mean"] for r in train]
+    # the policy learns: the reward on the fixed problems rises from the first steps to the last ones
+    reward = [r["reward/mean"] for r in train]
+    assert sum(reward[-3:]) / 3 > sum(reward[:2]) / 2 + 0.05, reward
     # the metrics endpoint served the entropy series of this run while it ran
     assert f'forkrl_policy_entropy_nats{{run="{run_dir.name}"}}' in scrape
     assert "forkrl_weights_version" in scrape
