@@ -55,10 +55,11 @@ def rows(run_dir: Path) -> list[dict]:
 
 def test_sync_run_flows_and_improves(tmp_path, tiny_model_dir):
     steps = 10
-    # 16 fixed training problems at a high learning rate: the policy must fit them within 10 steps
+    # 16 fixed training problems: the policy must fit them within 10 steps
     run_dir, log, scrape = run_train(tmp_path, f"model.path={tiny_model_dir}", f"run.steps={steps}",
                                      "run.eval_every=5", "run.seed=1", "checkpoint.every=5",
-                                     "data.train_size=16", "learner.lr=3e-4")
+                                     "data.train_size=16", "data.eval_size=32",
+                                     "learner.schedule=constant")
     recs = rows(run_dir)
     train = [r for r in recs if "time/step_s" in r]
     assert [int(r["step"]) for r in train] == list(range(1, steps + 1))

@@ -17,6 +17,11 @@ def test_defaults_validate_and_overrides_apply():
     assert load_config(ROOT / "configs" / "demo.yaml").model_dump() is not None
 
 
+def test_demo_yaml_is_the_embedded_default():
+    """configs/demo.yaml spells out what `forkrl train` with no config runs: the two must never drift."""
+    assert load_config(ROOT / "configs" / "demo.yaml").model_dump() == load_config(None).model_dump()
+
+
 def test_overrides_parse_yaml_scalars():
     assert parse_overrides(["a.b=1e-6", "a.c=true", "d=null", "e=[1, 2]", "f=abc"]) == {
         "a": {"b": 1e-6, "c": True}, "d": None, "e": [1, 2], "f": "abc"}
