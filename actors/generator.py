@@ -17,6 +17,7 @@ sampled with.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -64,11 +65,18 @@ class _Sample:
 # Keeping freed blocks in the heap costs nothing here: the next sync reuses exactly the same sizes.
 MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
+# Test-only fault injection (tests/faults), off unless set in the driver's environment: a generator that holds
+# this weights version never joins the next sync (it hangs in receive_weights until killed).
+FAULT_HANG_SYNC = "FORKRL_FAULT_HANG_SYNC_AT_VERSION"
+
 
 def engine_env(r: RolloutConfig) -> dict[str, str]:
     """Process environment of a generator actor (on top of cluster.runtime.runtime_env_vars())."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(r.threads),
-            "VLLM_LOGGING_LEVEL": "WARNING", "GLIBC_TUNABLES": MALLOC_KEEP}
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(r.threads),
+           "VLLM_LOGGING_LEVEL": "WARNING", "GLIBC_TUNABLES": MALLOC_KEEP}
+    if os.environ.get(FAULT_HANG_SYNC):
+        env[FAULT_HANG_SYNC] = os.environ[FAULT_HANG_SYNC]
+    return env
 
 
 def _eos_ids(model_path: str, tokenizer) -> list[int]:
@@ -234,7 +242,8 @@ class Generator:
         import torch
 
         return {"generator_id": self.generator_id, "backend": self.rollout.backend, "version": self.version,
-                "start_s": self.start_s, "broken": self.broken, "threads": torch.get_num_threads()}
+                "start_s": self.start_s, "broken": self.broken, "threads": torch.get_num_threads(),
+                "pid": os.getpid()}
 
     def generate(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Rollout]:
         """One Rollout (G = sampling.n responses) per prompt, tagged with the current weights version."""
@@ -301,6 +310,8 @@ class Generator:
         if not self._sync_ok:
             raise RuntimeError(f"generator {self.generator_id}: no usable weight-sync group (a sync failed or "
                                f"none was joined): call init_weight_sync on every rank again")
+        if os.environ.get(FAULT_HANG_SYNC) == str(self.version):
+            time.sleep(1 << 30)
         self._sync_ok = False   # until this sync completes: after any failure the group's ranks are out of step
         head = self.engine.wait_manifest()
         try:

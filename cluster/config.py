@@ -356,6 +356,9 @@ class ClusterConfig(Section):
     """CPUs reserved per grader actor (0: graders share the others' CPUs)."""
     dashboard_host: str = "127.0.0.1"
     """Bind address of a locally started Ray dashboard."""
+    max_recoveries: int = Field(10, ge=0)
+    """Recoveries a run may make (a dead or hung generator replaced, the queue server restarted or its lost
+    run set up again) before it stops: a crash loop is an error, not a retry storm (docs/reliability.md)."""
 
 
 class CheckpointConfig(Section):

@@ -1,7 +1,8 @@
 """The driver behind `forkrl train`: place the actors, run the sync or async loop, write the run.
 
-The two loops below are the algorithm; everything else (placement, queue, metrics, checkpoints, report) is
-a call into `System` (cluster/system.py).
+The two loops below are the algorithm; everything else (placement, queue, metrics, checkpoints, report, and
+recovery from dead generators, failed weight syncs and queue-server restarts) is a call into `System`
+(cluster/system.py; docs/reliability.md lists the faults and what each does).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 from cluster.config import Config
 
 log = logging.getLogger("forkrl")
+
+EXIT_ACTOR_LOST = 3   # an actor the run cannot replace died (e.g. a learner rank): resume from the checkpoint
 
 
 def sync_loop(s, steps: range) -> None:
@@ -46,10 +49,17 @@ def async_loop(s, steps: range) -> None:
 
 def train(cfg: Config, resume: str | None = None) -> int:
     """`forkrl train`: returns the process exit code."""
+    from ray.exceptions import RayActorError
+
     from cluster.system import System
 
-    with System.start(cfg, resume=resume) as s:
-        loop = sync_loop if cfg.run.max_staleness == 0 else async_loop
-        loop(s, range(s.start_step, cfg.run.steps))
+    with System.start(cfg, resume=resume) as s:   # on --resume, s.cfg is the run's own config
+        loop = sync_loop if s.cfg.run.max_staleness == 0 else async_loop
+        try:
+            loop(s, range(s.start_step, s.cfg.run.steps))
+        except RayActorError as e:
+            log.error("an actor the run cannot replace died: %s\nthe run stopped; continue it from its last "
+                      "checkpoint with: forkrl train --resume %s", str(e).splitlines()[0], s.run_dir)
+            return EXIT_ACTOR_LOST
         s.finish()
     return 0

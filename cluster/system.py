@@ -24,6 +24,8 @@ log = logging.getLogger("forkrl")
 
 CHECKPOINTS = "checkpoints"
 RUN_STATE = "run_state.json"
+LEDGER = "ledger.jsonl"   # what happened to every group id: generated, pushed, trained; and every fault
+PIDS = "pids.json"        # the run's processes (operators, fault tests)
 # learner statistics summed over ranks (the rest are token-weighted means over ranks)
 _SUMMED = ("tokens", "selected", "clip_cov/clipped", "kl_cov/penalised", "learner/groups", "learner/responses",
            "learner/tokens")
@@ -80,6 +82,19 @@ def new_run_dir(cfg: Config) -> Path:
     return d
 
 
+def public_config(cfg: Config) -> Config:
+    """The config as written to the run directory: no queue password, in the field or in the URL (on --resume
+    it comes from FORKRL_REDIS_PASSWORD)."""
+    from urllib.parse import urlparse
+
+    q, url = cfg.queue, cfg.queue.url
+    if url and "@" in urlparse(url).netloc:
+        userinfo, _, host = urlparse(url).netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        url = urlparse(url)._replace(netloc=f"{user}@{host}" if user else host).geturl()
+    return cfg.model_copy(update={"queue": q.model_copy(update={"password": None, "url": url})})
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted(p for p in (run_dir / CHECKPOINTS).glob("step-*") if (p / RUN_STATE).is_file())
     return ckpts[-1] if ckpts else None
@@ -114,16 +129,21 @@ class System:
         self.version = 0          # weights version of the learner (one per RL step that updated)
         self.synced = 0           # version the generators hold
         self.start_step = 0
+        self.step = 0             # steps completed
         self.record = StepRecord()
         self.server = None
         self.exporter = None
         self.generators: list = []
+        self.pg = None
         self.graders = self.eval_graders = self.learner = None
         self._ray_started = False
         self._bar = None
         self._last_eval: dict[str, float] = {}
         self._queue_prev: dict[str, float] = {}
-        self._metrics_file = None
+        self._metrics_file = self._ledger = None
+        self._pushed: list[Rollout] = []   # the step's rollouts, pushed again if the queue server lost them
+        self.recoveries = 0
+        self._leftover = 0   # groups a stopped run left on the stream: the first resumed step trains them too
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -140,7 +160,7 @@ class System:
             cfg = load_config(run_dir / "config.yaml")
         else:
             run_dir = new_run_dir(cfg)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            (run_dir / "config.yaml").write_text(dump_config(public_config(cfg)))
         s = cls(cfg, run_dir, resume=bool(resume))
         try:
             s._start()
@@ -151,14 +171,16 @@ class System:
     def _start(self) -> None:
         cfg = self.cfg
         log.info("run directory %s", self.run_dir)
+        self._load_data()  # a missing model or a bad dataset row fails here, before any process starts
         self._start_ray()
         self._start_queue()
         self._start_metrics()
-        self._load_data()
         self._start_actors()
         self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self._ledger = open(self.run_dir / LEDGER, "a")
         if self.resume:
             self._restore()
+        self._log_event("start", resumed=self.resume, version=self.version)
         if cfg.run.eval_every and self.start_step == 0:
             self._log_eval(0, self.evaluate())
         from tqdm import tqdm
@@ -221,7 +243,6 @@ class System:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from actors.generator import generator_actor
         from actors.grader import GraderPool
         from learner.worker import LearnerGroup
 
@@ -239,14 +260,8 @@ class System:
             return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)}
 
         t0 = time.perf_counter()
-        self.generators = [
-            generator_actor(f"{self.run_id}-g{i}", self.model_path, cfg.rollout, dtype=cfg.model.dtype,
-                            seed=cfg.run.seed + i,
-                            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                            num_cpus=c.generator_cpus, num_gpus=c.generator_gpus, **opts(i))
-            for i in range(n_gen)]
-        sink = QueueSink(dataclasses.asdict(self.address), cfg.queue.model_dump())
-        self.graders = GraderPool(cfg, sink_factory=sink)
+        self.generators = [self._new_generator(i) for i in range(n_gen)]
+        self.graders = self._new_graders()
         eval_reward = cfg.reward.model_copy(update=dict(
             ttrl=False, dynamic_sampling=False, noise_flip_prob=0.0, correct=1.0, incorrect=0.0, format_reward=0.0,
             overlong_buffer=0, rent_coef=0.0, num_graders=1))
@@ -260,7 +275,40 @@ class System:
         self.graders.wait_ready()
         self.eval_graders.wait_ready()
         self._init_sync()
+        self._write_pids()
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
+
+    def _new_generator(self, i: int):
+        """A generator actor in placement bundle i. Its id is new for every actor ever started (a
+        replacement, a resumed run), so its group ids never collide with ones the queue already admitted."""
+        import secrets
+
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from actors.generator import generator_actor
+
+        cfg, c = self.cfg, self.cfg.cluster
+        return generator_actor(
+            f"{self.run_id}-g{i}-{secrets.token_hex(3)}", self.model_path, cfg.rollout, dtype=cfg.model.dtype,
+            seed=cfg.run.seed + i, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            num_cpus=c.generator_cpus, num_gpus=c.generator_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+
+    def _new_graders(self):
+        """The grader pool that pushes onto this run's stream (each actor opens its own producer)."""
+        from actors.grader import GraderPool
+
+        return GraderPool(self.cfg, sink_factory=QueueSink(dataclasses.asdict(self.address),
+                                                           self.cfg.queue.model_dump()))
+
+    def _write_pids(self) -> None:
+        import ray
+
+        pids = {"driver": os.getpid(), "queue_server": self.server.pid if self.server else None,
+                "generators": [x["pid"] for x in ray.get([g.info.remote() for g in self.generators])],
+                "learner": [x["pid"] for x in self.learner.call("status")],
+                "grader_workers": [p for a in self.graders.actors for p in ray.get(a.worker_pids.remote())]}
+        (self.run_dir / PIDS).write_text(json.dumps(pids))
 
     def _init_sync(self) -> None:
         import ray
@@ -277,27 +325,36 @@ class System:
         ray.get(refs, timeout=timeout + 30)
 
     def stop(self) -> None:
+        """Shut everything down, whatever state it is in: a dead or hung actor gets a few seconds to close,
+        then it is killed (a learner rank left in a collective by a dead peer would otherwise hold this up
+        for the collective's timeout)."""
         import ray
 
         if self._bar is not None:
             self._bar.close()
-        for closer in (lambda: self.learner and self.learner.call("close"),
-                       lambda: self.graders and self.graders.close(),
-                       lambda: self.eval_graders and self.eval_graders.close()):
+        if self.learner and self.learner.ranks:
+            refs = [a.close.remote() for a in self.learner.ranks]
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+        for pool in (self.graders, self.eval_graders):
             try:
-                closer()
+                if pool:
+                    pool.close()
             except Exception as e:  # noqa: BLE001 - shut down the rest regardless
                 log.warning("shutdown: %s", e)
         for g in self.generators:
             ray.kill(g)
         if self.learner:
             self.learner.kill()
+        if self.pg is not None:  # in a shared Ray session it would keep holding the run's CPUs
+            from ray.util import remove_placement_group
+            remove_placement_group(self.pg)
         if self.exporter:
             self.exporter.close()
         if self.server:
             self.server.stop()
-        if self._metrics_file:
-            self._metrics_file.close()
+        for f in (self._metrics_file, self._ledger):
+            if f:
+                f.close()
         if self._ray_started:
             ray.shutdown()
 
@@ -310,15 +367,31 @@ class System:
         finally:
             self.record.phases[name] = self.record.phases.get(name, 0.0) + time.perf_counter() - t0
 
-    def generate(self, prompts: list[Prompt]) -> list:
-        """Start sampling `prompts` split over the generators; returns refs for `collect`."""
+    def generate(self, prompts: list[Prompt], method: str = "generate") -> list:
+        """Start sampling `prompts` split over the generators; returns the pending work for `collect`."""
         parts = _split(prompts, len(self.generators))
-        return [g.generate.remote(p) for g, p in zip(self.generators, parts) if p]
+        return [(i, p, getattr(self.generators[i], method).remote(p), method) for i, p in enumerate(parts) if p]
 
-    def collect(self, refs: list) -> list[Rollout]:
+    def _gather(self, pending: list) -> list[Rollout]:
+        """Results of `generate`; the part of a generator that died is sampled again by its replacement."""
         import ray
+        from ray.exceptions import RayActorError
 
-        rollouts = [r for part in ray.get(refs) for r in part]
+        out, lost = [], []
+        for i, prompts, ref, method in pending:
+            try:
+                out += ray.get(ref)
+            except RayActorError as e:
+                lost.append((i, prompts, ref, method))
+                why = _reason(e)
+        if lost:
+            self._replace_generators({i: ref for i, _, ref, _ in lost}, f"generator died during {lost[0][3]}: {why}")
+            out += self._gather([(i, p, getattr(self.generators[i], m).remote(p), m) for i, p, _, m in lost])
+        return out
+
+    def collect(self, pending: list) -> list[Rollout]:
+        rollouts = self._gather(pending)
+        self._log_event("generated", ids=[r.group_id for r in rollouts])
         toks = sum(len(x.token_ids) for r in rollouts for x in r.responses)
         secs = max((r.timing.get("generate_s", 0.0) for r in rollouts), default=0.0)
         st = self.record.stats
@@ -334,29 +407,62 @@ class System:
 
     def grade_and_push(self, rollouts: list[Rollout]) -> int:
         """Score the groups and push the kept ones onto the stream; returns how many were kept."""
-        groups, stats = self.graders.score(rollouts, push=True, return_groups=False)
+        from cluster.queue import QueueError
+
+        self._pushed = rollouts
+        try:
+            groups, stats = self.graders.score(rollouts, push=True, return_groups=False)
+        except QueueError as e:
+            self._recover_queue(e)
+            return self.grade_and_push(rollouts)  # a group already admitted is not added twice
         self.record.stats.update(stats)
-        return int(stats.get("reward/groups_kept", 0))
+        kept = int(stats.get("reward/groups_kept", 0))
+        self._log_event("pushed", kept=kept)
+        return kept
 
     def train(self, n_groups: int) -> None:
         """Every rank reads its share of the n_groups fresh groups from the queue and trains on them."""
+        from cluster.queue import QueueError
+
+        n_groups, self._leftover = n_groups + self._leftover, 0
         if n_groups == 0:
             log.warning("no group kept this step (all groups had equal rewards): no update")
             return
         shares = [len(x) for x in _split(list(range(n_groups)), self.cfg.learner.num_ranks)]
-        per_rank = self.learner.call_each("train_step", [(n, self.version, self.cfg.run.max_staleness)
-                                                         for n in shares])
+        try:
+            per_rank = self.learner.call_each("train_step", [(n, self.version, self.cfg.run.max_staleness)
+                                                             for n in shares])
+        except QueueError as e:
+            lost = self._recover_queue(e)
+            if self.learner.call("status")[0]["version"] == self.version:  # no update: train again
+                return self.train(self.grade_and_push(self._pushed) if lost else n_groups)
+            log.warning("the step's update happened before the queue failed (only its ack was lost)")
+            per_rank = [{}]
         self.record.stats.update(merge_rank_stats(per_rank))
         self.version += 1
+        self._log_event("trained", version=self.version,
+                        ids=[i for r in self.learner.call("status") for i in r["trained"]])
 
     def sync_weights(self) -> None:
         import ray
+        from ray.exceptions import RayError
+
+        from cluster.weightsync import SyncError
 
         if self.synced == self.version:
             return  # nothing new to publish
-        gen_refs = [g.receive_weights.remote() for g in self.generators]
-        learn = self.learner.call("sync_weights")
-        got = ray.get(gen_refs)
+        gen_refs = dict(enumerate(g.receive_weights.remote() for g in self.generators))
+        try:
+            learn = self.learner.call("sync_weights")  # any failure but the sync's own stops the run
+        except SyncError as e:
+            return self._sync_failed(gen_refs, f"weight sync to version {self.version} failed: {_reason(e)}")
+        got = []
+        for i, ref in gen_refs.items():
+            try:
+                got.append(ray.get(ref, timeout=self.cfg.sync.timeout_s))
+            except RayError as e:  # the broadcast went out but this generator did not apply it
+                return self._sync_failed(gen_refs, f"generator {i} did not apply version {self.version}: "
+                                                   f"{_reason(e)}")
         st = self.record.stats
         st["sync/duration_s"] = float(learn[0]["total_s"])
         st["sync/bytes"] = float(learn[0].get("bytes", 0.0))
@@ -365,13 +471,82 @@ class System:
             raise RuntimeError(f"generators hold versions {sorted(versions)} after publishing {self.version}")
         self.synced = self.version
 
+    # ------------------------------------------------------------------ recovery
+    def _recovered(self, kind: str, detail: str) -> None:
+        """Count a recovery (metrics.jsonl, the ledger, the log); stop the run past cluster.max_recoveries."""
+        self.recoveries += 1
+        st = self.record.stats
+        st[f"fault/{kind}"] = st.get(f"fault/{kind}", 0.0) + 1
+        self._log_event("fault", kind=kind, detail=detail[:500])
+        if self.recoveries > self.cfg.cluster.max_recoveries:
+            raise RuntimeError(f"{self.recoveries} recoveries exceed cluster.max_recoveries "
+                               f"({self.cfg.cluster.max_recoveries}); last: {kind}: {detail}")
+        log.error("recovering (%s): %s", kind, detail)
+
+    def _sync_failed(self, gen_refs: dict, why: str) -> None:
+        self.record.stats["sync/failures"] = self.record.stats.get("sync/failures", 0.0) + 1
+        self._recovered("sync_failed", why)
+        self._replace_generators(gen_refs, why)
+
+    def _replace_generators(self, refs: dict, why: str) -> None:
+        """After calls `refs` {generator index: ref} failed: replace every generator that is dead, still
+        busy in its call sync.timeout_s later (hung), or holds half-reloaded weights; rebuild the weight-sync
+        group with all members and push the learner's current weights to every generator."""
+        import ray
+        from ray.exceptions import RayError
+
+        _, busy = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.cfg.sync.timeout_s)
+        hung = {i for i, ref in refs.items() if ref in busy}
+        for i, g in enumerate(self.generators):
+            try:
+                healthy = i not in hung and ray.get(g.info.remote(), timeout=10)["broken"] is None
+            except RayError:  # dead
+                healthy = False
+            if not healthy:
+                self._recovered("generators_replaced", f"generator {i}: {why}")
+                ray.kill(g)
+                self.generators[i] = self._new_generator(i)
+        ray.get([g.info.remote() for g in self.generators])
+        self._init_sync()
+        self.synced = -1
+        self.sync_weights()
+        self._write_pids()
+        log.info("generators hold weights version %d again", self.version)
+
+    def _recover_queue(self, e: Exception) -> bool:
+        """The queue server failed: restart it if it is ours and died (with queue.aof the stream comes back);
+        if the run's data is gone, set the run up again and reconnect every client. Returns whether it was
+        gone (the caller pushes the step's rollouts again)."""
+        from cluster.queue import Producer, ServerLost, setup_run
+
+        if self.server is not None and not self.server.running:
+            self.server.start()   # same port and directory
+        try:
+            Producer(self.address, self.cfg.queue).close()   # the run's marker is still there
+            lost = isinstance(e, ServerLost)
+        except ServerLost:
+            lost = True
+        self._recovered("queue_lost" if lost else "queue_restarted", _reason(e))
+        if lost:
+            log.error("the queue server lost this run's stream: setting it up again and re-sending the step")
+            setup_run(self.address, self.cfg.queue.reconnect_s)
+            self.learner.call("attach_queue", dataclasses.asdict(self.address))
+            self.graders.close()  # their producers belong to the lost run
+            self.graders = self._new_graders()
+            self.graders.wait_ready()
+            self._write_pids()
+        return lost
+
+    def _log_event(self, event: str, **fields: Any) -> None:
+        """One ledger line, flushed at once: it must survive a crash of this process."""
+        if self._ledger is None:
+            return
+        self._ledger.write(json.dumps({"event": event, "step": self.step + 1, **fields}) + "\n")
+        self._ledger.flush()
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        import ray
-
-        parts = _split(self.eval_prompts, len(self.generators))
-        rollouts = [r for part in ray.get([g.evaluate.remote(p) for g, p in zip(self.generators, parts) if p])
-                    for r in part]
+        rollouts = self._gather(self.generate(self.eval_prompts, method="evaluate"))
         groups, _ = self.eval_graders.score(rollouts)
         correct = [np.asarray(g.components["correct"]) > 0.5 for g in groups]
         lengths = [len(x.token_ids) for r in rollouts for x in r.responses]
@@ -391,6 +566,7 @@ class System:
     def end_step(self, step: int) -> None:
         cfg = self.cfg
         rec, self.record = self.record, StepRecord()
+        self.step = step + 1
         st = dict(rec.stats)
         for k, v in rec.phases.items():
             st[f"time/{k}_s"] = v
@@ -472,9 +648,14 @@ class System:
         self.learner.call("load_queue_state", state["queue"])
         self.data.load_state_dict(state["data"])
         self.version, self.start_step = int(state["version"]), int(state["step"])
+        self.step = self.start_step
+        from cluster.queue import Producer
+        with Producer(self.address, self.cfg.queue) as p:
+            self._leftover = int(p.depth()["queue/depth"])  # delivered or not, never acked (acked = deleted)
         self.sync_weights()  # the generators start from the checkpoint's weights
         self.record = StepRecord()
-        log.info("resumed from %s at step %d, weights version %d", ck, self.start_step, self.version)
+        log.info("resumed from %s at step %d, weights version %d; %d groups left on the stream are trained in "
+                 "the first step", ck, self.start_step, self.version, self._leftover)
 
     def finish(self) -> None:
         from cluster.report import write_report
@@ -486,6 +667,13 @@ class System:
         path = write_report(self.run_dir)
         log.info("report %s", path)
         print(f"run directory: {self.run_dir}\nreport: {path}")
+
+
+def _reason(e: BaseException) -> str:
+    """`Type: first line` of what failed, without Ray's wrapping and traceback."""
+    cause = getattr(e, "cause", None) or e
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 def _started_cluster() -> str | None:

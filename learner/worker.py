@@ -134,6 +134,7 @@ class Trainer:
         self.updates = 0      # optimizer updates
         self.consumer = None
         self.sender = None
+        self.last_trained: list[str] = []   # group ids of the last step's optimizer updates
         self.grad_buffer: torch.Tensor | None = None
         self.entropy_control = None
 
@@ -327,6 +328,8 @@ class Trainer:
             raise RuntimeError(f"learner rank {self.rank}: another rank's queue read failed; step abandoned")
         t_read = time.perf_counter() - t0
         stats = self.train_on(batch.groups)
+        # read by this update (even if the ack below fails); ones check_group rejected count as dropped_invalid
+        self.last_trained = [g.group_id for g in batch.groups]
         if batch.entry_ids:
             self.consumer.ack(batch.entry_ids)
         stats["time/queue_read_s"] = t_read
@@ -338,6 +341,11 @@ class Trainer:
 
     def queue_state(self) -> dict:
         return self.consumer.state_dict()
+
+    def status(self) -> dict[str, Any]:
+        """Health check (no collective): process id, weights version, and the group ids of the last step's
+        update (the driver's ledger, and whether a step whose ack failed was trained)."""
+        return {"rank": self.rank, "pid": os.getpid(), "version": self.version, "trained": self.last_trained}
 
     def load_queue_state(self, state: dict) -> None:
         self.consumer.load_state_dict(state)
@@ -539,6 +547,7 @@ class Trainer:
         from cluster.weightsync import WeightSender
 
         sc = self.cfg.sync
+        self.close_sender()   # re-initialising after a failed sync or a replaced generator
         self.sender = WeightSender(host, port, world_size, timeout_s=sc.timeout_s, bucket_mb=sc.bucket_mb,
                                    backend=sc.backend)
 

@@ -142,7 +142,7 @@ def _trl_child(model: str, steps: int, out: str) -> None:
                           callbacks=[Clock()])
     t0 = time.perf_counter()
     trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    lengths = [float(h["completions/mean_length"]) for h in trainer.state.log_history if "completions/mean_length" in h]
     times = np.diff([t0] + [m[0] for m in marks])
     Path(out).write_text(json.dumps({"step_s": times.tolist(), "mean_length": lengths}))
 
