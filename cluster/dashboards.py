@@ -238,7 +238,14 @@ def throughput() -> db.Dashboard:
                            q(f"rate(forkrl_weight_syncs_total{R}[{RATE}]) * 60", "{{run}} ok"),
                            q(f"rate(forkrl_weight_sync_failures_total{R}[{RATE}]) * 60", "{{run}} failed"), span=6))
             .with_panel(ts("Time since last sync", "Seconds since the last successful weight sync.", "s",
-                           q(f"time() - forkrl_weight_sync_last_success_timestamp_seconds{R}"), span=6)))
+                           q(f"time() - forkrl_weight_sync_last_success_timestamp_seconds{R}"), span=6))
+            .with_panel(ts("Recoveries", "Faults the run recovered from (docs/reliability.md): generators "
+                           "replaced, failed syncs, queue-server restarts with and without loss.", "short",
+                           q(f"increase(forkrl_generator_replacements_total{R}[{RATE}])", "{{run}} generators replaced"),
+                           q(f"increase(forkrl_weight_sync_recoveries_total{R}[{RATE}])", "{{run}} syncs recovered"),
+                           q(f"increase(forkrl_queue_server_restarts_total{R}[{RATE}])", "{{run}} queue restarts"),
+                           q(f"increase(forkrl_queue_server_lost_total{R}[{RATE}])", "{{run}} queue lost"),
+                           span=12)))
 
 
 DASHBOARDS = {"overview": overview, "entropy-covariance": entropy, "throughput-queue": throughput}

@@ -116,6 +116,11 @@ STEP_STATS: dict[str, Metric] = {
     "sync/duration_s": _g("forkrl_weight_sync_duration_seconds", "Duration of the step's weight sync"),
     "sync/bytes": _g("forkrl_weight_sync_size_bytes", "Bytes broadcast by the step's weight sync"),
     "sync/failures": _c("forkrl_weight_sync_failures_total", "Failed weight-sync attempts"),
+    # Recoveries (docs/reliability.md)
+    "fault/generators_replaced": _c("forkrl_generator_replacements_total", "Dead or hung generators replaced"),
+    "fault/sync_failed": _c("forkrl_weight_sync_recoveries_total", "Failed weight syncs recovered by replacement"),
+    "fault/queue_lost": _c("forkrl_queue_server_lost_total", "Queue server restarts that lost the run's data"),
+    "fault/queue_restarted": _c("forkrl_queue_server_restarts_total", "Queue server restarts recovered intact"),
     # Step time
     "time/step_s": Metric("forkrl_step_duration_seconds", "histogram", "Wall time of one RL step"),
     **{f"time/{p}_s": Metric("forkrl_step_phase_seconds", "histogram", _PHASE, (("phase", p),)) for p in PHASES},

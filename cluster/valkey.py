@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import weakref
@@ -49,6 +50,15 @@ def redis_binary() -> str:
         raise LocalServerError("redis-server not found: install Debian's package "
                                "(`apt-get install -y redis-server`, or `make debian`)")
     return path
+
+
+def _die_with_parent() -> None:
+    """In the server's child process: SIGTERM it when the process that started it dies, even by SIGKILL,
+    so a killed driver never leaves an orphan server on a data directory a resume will reuse (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -110,7 +120,7 @@ class LocalServer:
             try:
                 self._proc = subprocess.Popen([self.binary, str(self.data_dir / "server.conf")],
                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                              cwd=self.data_dir)
+                                              cwd=self.data_dir, preexec_fn=_die_with_parent)
             finally:
                 log.close()
             self._finalizer.detach()

@@ -91,3 +91,31 @@ def test_restart_without_aof_is_detected(binary, tmp_path):
                 p.put(group(1))
     finally:
         server.stop()
+
+
+def test_embedded_server_dies_with_a_killed_driver(tmp_path):
+    """A driver killed with SIGKILL leaves no orphan server on a data directory that a resume reuses."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time; from cluster.valkey import start_valkey; "
+            f"s = start_valkey(aof=True, data_dir={str(tmp_path / 'q')!r}); print(s._proc.pid, flush=True); "
+            "time.sleep(600)")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(driver.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:  # gone, or a zombie waiting for whichever init adopted it
+            if open(f"/proc/{server_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(server_pid, signal.SIGKILL)
+        pytest.fail("the embedded server outlived its killed driver")

@@ -8,10 +8,14 @@ out of the zip), the job's driver joins the running cluster through RAY_ADDRESS 
 import json
 import os
 import secrets
+import signal
 import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -36,14 +40,31 @@ def ray_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"  # Unix socket paths must stay short
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4", "--dashboard-host=127.0.0.1",
-           f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", "--include-dashboard=true"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
+    # --block keeps `ray start` in the foreground as the parent of this head's processes: stopping it stops
+    # exactly them (`ray stop` would kill every Ray on the machine, e.g. other tests' sessions)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=4",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+           "--disable-usage-stats", "--include-dashboard=true"]
+    head = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.time() + 180
+        while True:  # the job API answers once the dashboard is up
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:
+                break  # it answered (401 without the token)
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                assert time.time() < deadline, "the Ray head did not come up in 180 s"
+                time.sleep(1)
         yield env, f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        head.send_signal(signal.SIGTERM)  # ray start --block stops the head's processes and exits
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            head.kill()
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -53,8 +74,13 @@ def test_ray_job_submit_trains_on_a_started_cluster(ray_head, tmp_path, tiny_mod
     cmd = [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
            "forkrl", "train", "configs/demo.yaml", f"model.path={tiny_model_dir}", "run.steps=2",
            "run.eval_every=0", "rollout.prompts_per_step=4", f"run.output_dir={out_dir}"]
-    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    log = job.stdout + job.stderr
+    deadline = time.time() + 120
+    while True:  # the head's job agent comes up a little after its dashboard
+        job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        log = job.stdout + job.stderr
+        if job.returncode == 0 or "No available agent" not in log or time.time() > deadline:
+            break
+        time.sleep(2)
     assert job.returncode == 0, log[-5000:]
     assert "succeeded" in log, log[-3000:]
     # the working dir went up without the virtualenv or caches (a few MB, not GBs)
