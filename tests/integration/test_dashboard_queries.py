@@ -2,6 +2,7 @@
 query and every alert-rule series returns data through the HTTP API, and the collapse alerts go active for
 the collapsing run only."""
 
+import contextlib
 import json
 import math
 import re
@@ -89,20 +90,18 @@ class Prom:
             time.sleep(0.25)
 
 
-@pytest.fixture(scope="module")
-def prom(tmp_path_factory):
+@contextlib.contextmanager
+def run_prometheus(tmp: Path, targets: list[str]):
+    """A real Prometheus (Debian package) on a free loopback port scraping `targets` every 500 ms with the
+    alert rules loaded; yields a ready `Prom`, stops the server afterwards."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail("prometheus not found: install Debian's prometheus package (`make debian`)")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    cfg = MetricsConfig(entropy_floor=0.1, fit_min_points=3, slope_window=8)
-    exporters = [MetricsExporter(cfg, run, info={"model": "tiny"}) for run in RUNS]
     port = free_port()
     (tmp / "prometheus.yml").write_text(json.dumps({   # JSON is YAML
         "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "forkrl", "static_configs": [
-            {"targets": [f"127.0.0.1:{e.port}" for e in exporters]}]}],
+        "scrape_configs": [{"job_name": "forkrl", "static_configs": [{"targets": targets}]}],
     }))
     log = tmp / "prometheus.log"
     with open(log, "wb") as logf:
@@ -118,14 +117,6 @@ def prom(tmp_path_factory):
             except OSError:
                 return proc.poll() is not None and pytest.fail(f"prometheus exited: {log.read_text()[-3000:]}")
         p.wait("prometheus to be ready", ready)
-        # Prometheus hands discovered targets to the scrape loop on a 5 s tick: feed only once both are scraped.
-        p.wait("both exporters to be scraped", lambda: len(p.query("up == 1")) == len(RUNS))
-        for step in range(STEPS):
-            for ex in exporters:
-                ex.record(step, step_stats(ex.run, step))
-            time.sleep(0.2)
-        p.wait("the last step to be scraped",
-               lambda: {r["metric"]["run"] for r in p.query(f"forkrl_step == {STEPS - 1}")} == set(RUNS))
         yield p
     finally:
         proc.terminate()
@@ -134,6 +125,25 @@ def prom(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def prom(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prometheus")
+    cfg = MetricsConfig(entropy_floor=0.1, fit_min_points=3, slope_window=8)
+    exporters = [MetricsExporter(cfg, run, info={"model": "tiny"}) for run in RUNS]
+    try:
+        with run_prometheus(tmp, [f"127.0.0.1:{e.port}" for e in exporters]) as p:
+            # Prometheus hands discovered targets to the scrape loop on a 5 s tick: feed only once both are scraped.
+            p.wait("both exporters to be scraped", lambda: len(p.query("up == 1")) == len(RUNS))
+            for step in range(STEPS):
+                for ex in exporters:
+                    ex.record(step, step_stats(ex.run, step))
+                time.sleep(0.2)
+            p.wait("the last step to be scraped",
+                   lambda: {r["metric"]["run"] for r in p.query(f"forkrl_step == {STEPS - 1}")} == set(RUNS))
+            yield p
+    finally:
         for ex in exporters:
             ex.close()
 

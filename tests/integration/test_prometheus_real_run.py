@@ -6,20 +6,16 @@ fire; this one proves the queries match what a live run actually exports. The ru
 (staleness histogram), the top-20% forking mask, Clip-Cov and evaluation every 2 steps (collapse fit).
 """
 
-import json
 import math
 import re
-import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cluster.dashboards import DASHBOARDS, render
-from tests.integration.test_dashboard_queries import RULES, Prom, free_port
+from tests.integration.test_dashboard_queries import RULES, free_port, run_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = "promrun"
@@ -33,30 +29,9 @@ ONLY_ON_FAULTS = ("forkrl_weight_sync_failures_total", "forkrl_generator_replace
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory, tiny_model_dir):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("prometheus not found: install Debian's prometheus package (`make debian`)")
     tmp = tmp_path_factory.mktemp("prom-real")
-    metrics_port, port = free_port(), free_port()
-    (tmp / "prometheus.yml").write_text(json.dumps({
-        "global": {"scrape_interval": "500ms", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
-        "scrape_configs": [{"job_name": "forkrl", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
-    }))
-    log = tmp / "prometheus.log"
-    with open(log, "wb") as logf:
-        prom = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                                 "--log.level=warn"], stdout=logf, stderr=subprocess.STDOUT)
-    try:
-        p = Prom(f"http://127.0.0.1:{port}", log)
-
-        def ready():
-            try:
-                return urllib.request.urlopen(f"{p.base}/-/ready", timeout=2).status == 200
-            except OSError:
-                return prom.poll() is not None and pytest.fail(f"prometheus exited: {log.read_text()[-3000:]}")
-        p.wait("prometheus to be ready", ready)
+    metrics_port = free_port()
+    with run_prometheus(tmp, [f"127.0.0.1:{metrics_port}"]) as p:
         cmd = [sys.executable, "-m", "cluster.cli", "train", f"model.path={tiny_model_dir}", f"run.name={RUN}",
                f"run.output_dir={tmp / 'runs'}", f"metrics.port={metrics_port}", "run.steps=8", "run.eval_every=2",
                "run.max_staleness=1", "algorithm.top_entropy_ratio=0.2", "algorithm.policy_loss=clip_cov",
@@ -66,17 +41,10 @@ def scraped(tmp_path_factory, tiny_model_dir):
         (run_dir,) = [d for d in (tmp / "runs").iterdir() if d.is_dir()]
         # the run has exited: its series are stale now, so every query is evaluated at its last scrape
         samples = p.api("query", query=f'forkrl_step{{run="{run_dir.name}"}}[30m]')["result"]
-        assert samples, f"Prometheus never scraped the run; its log:\n{log.read_text()[-3000:]}"
+        assert samples, f"Prometheus never scraped the run; its log:\n{p.log.read_text()[-3000:]}"
         last_ts, last_step = samples[0]["values"][-1]
         assert int(float(last_step)) >= 7, samples[0]["values"][-3:]  # the last steps were scraped
         yield p, run_dir.name, float(last_ts)
-    finally:
-        prom.terminate()
-        try:
-            prom.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            prom.kill()
-            prom.wait()
 
 
 def queries():
