@@ -38,7 +38,7 @@ import numpy as np
 import yaml
 
 from cluster.config import ConfigError, load_config
-from cluster.report import read_metrics
+from cluster.report import read_metrics, save_figure
 
 log = logging.getLogger("forkrl")
 
@@ -356,14 +356,9 @@ def curves_plot(path: Path, spec: Spec, results: list[RunResult], key: str, titl
         ax.fill_between(steps, m - s, m + s, color=line.get_color(), alpha=0.18)
         drawn = True
     if drawn:
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
-    plt.close(fig)
+        save_figure(fig, ax, path, title, "step", ylabel)
+    else:
+        plt.close(fig)
     return drawn
 
 
@@ -553,15 +548,9 @@ def analyse_collapse(spec: Spec, results: list[RunResult], out: Path) -> tuple[s
             hs = [p[0] for p in fit_pts + rest]
             grid = np.linspace(min(hs) * 0.9, max(hs) * 1.1, 50)
             ax.plot(grid, -f["a"] * np.exp(grid) + f["b"], color=sc.get_facecolor()[0], lw=1)
-    ax.set_xlabel("policy entropy H (nats)")
-    ax.set_ylabel("eval accuracy R")
-    ax.set_title(f"R = -a e^H + b fitted on the first {share:.0%} of steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     png = f"{spec.name}_fit.png"
-    fig.savefig(out / png)
-    plt.close(fig)
+    save_figure(fig, ax, out / png, f"R = -a e^H + b fitted on the first {share:.0%} of steps",
+                "policy entropy H (nats)", "eval accuracy R", legend=7)
     plots = _plots(spec, results, out, [(ACC, "Eval accuracy", "accuracy"),
                                         ("entropy/mean", "Policy entropy", "nats")])
     # binomial noise of one eval point: what a perfect law could not predict below
@@ -756,15 +745,9 @@ def _entropy_patterns(spec: Spec, out: Path, p: dict[str, Any]) -> tuple[str, st
     ax.axhline(PAPER_LOW_SHARE, color="gray", ls=":", lw=1, label="paper: 50.6% below 0.01")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlim(left=0)
-    ax.set_xlabel("token entropy H (nats)")
-    ax.set_ylabel("share of tokens with entropy <= H")
-    ax.set_title("Token-entropy distribution of sampled chains of thought")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
     png = f"{spec.name}_cdf.png"
-    fig.savefig(out / png)
-    plt.close(fig)
+    save_figure(fig, ax, out / png, "Token-entropy distribution of sampled chains of thought",
+                "token entropy H (nats)", "share of tokens with entropy <= H", legend=7)
     body = "\n".join(["## Token-entropy statistics", "", "\n".join(tables), "",
                       f"Entropy = full-vocabulary entropy of the HF model's logits at T = {p.get('temperature', 1.0)} "
                       "at each sampled position (learner/tokenstats.py); responses sampled with transformers "

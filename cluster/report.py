@@ -29,6 +29,23 @@ def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x), np.asarray(y)
 
 
+def save_figure(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: int | None = 8,
+                grid: bool = True) -> None:
+    """Label the axes, add the grid and legend (font size `legend`; None for none), write the PNG, free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if grid:
+        ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=legend)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _plot(path: Path, title: str, curves: list[tuple[str, np.ndarray, np.ndarray]], ylabel: str = "",
           kind: str = "line") -> bool:
     import matplotlib
@@ -44,15 +61,8 @@ def _plot(path: Path, title: str, curves: list[tuple[str, np.ndarray, np.ndarray
             ax.scatter(x, y, s=14, label=label)
         else:
             ax.plot(x, y, marker="o" if x.size < 30 else None, ms=3, label=label)
-    ax.set_title(title)
-    ax.set_xlabel("step" if kind == "line" else "")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if len(curves) > 1:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, title, "step" if kind == "line" else "", ylabel,
+                legend=8 if len(curves) > 1 else None)
     return True
 
 
@@ -81,14 +91,7 @@ def _collapse_plot(path: Path, rows: list[dict]) -> str | None:
                f"over {fit.points} points"
     except ValueError as e:
         note = f"no fit: {e}"
-    ax.set_xlabel("policy entropy H (nats)")
-    ax.set_ylabel("eval accuracy R")
-    ax.set_title("Entropy-performance trade-off")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, "Entropy-performance trade-off", "policy entropy H (nats)", "eval accuracy R")
     return note
 
 
@@ -108,13 +111,7 @@ def _time_plot(path: Path, rows: list[dict]) -> bool:
         if vals.any():
             ax.bar(steps, vals, bottom=bottom, label=ph, width=0.9)
             bottom += vals
-    ax.set_title("Step time by phase")
-    ax.set_xlabel("step")
-    ax.set_ylabel("seconds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, ax, path, "Step time by phase", "step", "seconds", grid=False)
     return True
 
 
