@@ -99,7 +99,8 @@ class _VLLMEngine:
         from vllm import LLM
 
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                       kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), enforce_eager=r.enforce_eager,
+                       kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), block_size=r.block_size,
+                       enforce_eager=r.enforce_eager,
                        tensor_parallel_size=r.tensor_parallel_size, max_num_seqs=r.max_num_seqs,
                        logprobs_mode=r.logprobs_mode, worker_extension_cls=EXTENSION,
                        # sampling comes only from our SamplingParams, never from generation_config.json

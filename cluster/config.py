@@ -102,6 +102,11 @@ class RolloutConfig(Section):
     distribution the importance ratio needs (PLATFORM.md)."""
     kv_cache_gib: float = Field(1.0, gt=0)
     """vLLM KV-cache size in GiB (set explicitly on CPU: the default utilisation check fails there)."""
+    block_size: int = Field(32, ge=16)
+    """vLLM KV-cache block size in tokens. Prefix caching reuses whole blocks only: the G samples of a
+    group share their prompt's KV cache only in full blocks, and vLLM-CPU's default of 128 shares nothing
+    for prompts under 128 tokens (every sample prefilled its prompt again). 32 measured 208 -> 269 tokens/s
+    on SmolLM2-135M here (16 prompts x 8 x 64 tokens, 2 cores). The CPU attention needs a multiple of 32."""
     enforce_eager: bool = True
     """Run vLLM without torch.compile/CUDA graphs (CPU: compile costs ~65 s for +15% throughput)."""
     tensor_parallel_size: int = Field(1, ge=1)

@@ -4,10 +4,19 @@ A sequence is prompt + response. A rank's sequences have one flat token order: t
 sequence 0, then of sequence 1, ... (`token_offsets`); the learner keeps its per-token vectors (old
 log-probs, advantages, masks) in that order, [T] with T = the rank's response tokens.
 
-Micro-batches group sequences of similar length (sorted, longest first) into a right-padded [B, L] block
-whose B*L stays within the token budget, so padding stays small; the positions whose hidden state predicts
-a response token are gathered into the flat, padding-free [N] vectors the loss functions take, and
-`MicroBatch.positions` maps them back into the rank's [T] order.
+Shared-prompt rows. The G responses of a group share one prompt, and under a causal mask the prompt's
+hidden states do not depend on what follows it, so a row holds the prompt ONCE followed by its responses,
+each one a segment that attends to the prompt and to itself only (a block attention mask [B, 1, L, L] and
+position ids that restart after the prompt for every segment). That is the same function as G separate
+rows, gradients included, at 1/G of the prompt's cost: on the arithmetic task the prompt is half of the
+tokens of a step. A segment holds its response's tokens except the last (whose hidden state predicts
+nothing); the hidden state at the prompt's last position predicts every response's first token.
+
+Micro-batches group rows of similar width (sorted, widest first) into a right-padded [B, L] block whose
+B*L stays within the token budget (a group too wide for it is split over several rows, each with its own
+copy of the prompt); the positions whose hidden state predicts a response token are gathered into the flat,
+padding-free [N] vectors the loss functions take, and `MicroBatch.positions` maps them back into the rank's
+[T] order.
 """
 
 from __future__ import annotations
@@ -36,20 +45,22 @@ class Seq:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor       # [B, L] int64, right-padded
-    attention_mask: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, 1, L, L] bool, True = query may attend to key (block-causal, see module doc)
+    position_ids: torch.Tensor    # [B, L] int64, restarting after the prompt for every response segment
     gather: torch.Tensor          # [N] int64 flat index into [B*L] of the positions predicting response tokens
     targets: torch.Tensor         # [N] int64 response tokens
-    seq_ids: torch.Tensor         # [N] int64 row of each token (0..B-1)
+    seq_ids: torch.Tensor         # [N] int64 sequence of each token within the micro-batch (0..S-1)
     positions: torch.Tensor       # [N] int64 each token's index in the rank's flat [T] token order
-    rows: list[int]               # [B] index of each row's sequence in the rank's sequence list
+    seqs: list[int]               # [S] the micro-batch's sequences (indices into the rank's list), in token order
 
     @property
     def num_tokens(self) -> int:
         return int(self.targets.numel())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.gather,
-                                                    self.targets, self.seq_ids, self.positions)), self.rows)
+        return MicroBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                    self.gather, self.targets, self.seq_ids, self.positions)),
+                          self.seqs)
 
 
 def check_group(group: ScoredGroup, vocab_size: int) -> str | None:
@@ -113,41 +124,80 @@ def flat_positions(seqs: list[Seq], rows: list[int], offsets: list[int]) -> torc
     return torch.cat([torch.arange(offsets[i], offsets[i] + seqs[i].resp_len) for i in rows])
 
 
-def plan_micro_batches(seqs: list[Seq], indices: list[int], budget_tokens: int) -> list[list[int]]:
-    """Partition `indices` (into seqs) into micro-batches, longest first, with B * max_len <= budget
-    (a sequence longer than the budget gets a micro-batch of its own)."""
-    order = sorted(indices, key=lambda i: (-len(seqs[i].ids), i))
-    plans: list[list[int]] = []
-    cur: list[int] = []
+Row = list[int]   # indices of sequences with one prompt (one group), laid out as one shared-prompt row
+
+
+def row_width(seqs: list[Seq], row: Row) -> int:
+    """Tokens of a shared-prompt row: the prompt once, then every response but its last token."""
+    return seqs[row[0]].prompt_len + sum(seqs[i].resp_len - 1 for i in row)
+
+
+def plan_micro_batches(seqs: list[Seq], indices: list[int], budget_tokens: int) -> list[list[Row]]:
+    """Partition `indices` (into seqs) into micro-batches of shared-prompt rows: each group's sequences fill
+    rows of at most `budget_tokens` tokens (a single sequence wider than that gets a row of its own), then
+    rows are packed widest first with B * max_width <= budget (an over-wide row gets a micro-batch alone)."""
+    by_group: dict[int, list[int]] = {}
+    for i in indices:
+        by_group.setdefault(seqs[i].group, []).append(i)
+    rows: list[Row] = []
+    for members in by_group.values():
+        cur: Row = []
+        for i in sorted(members, key=lambda i: (-seqs[i].resp_len, i)):
+            if cur and row_width(seqs, cur + [i]) > budget_tokens:
+                rows.append(cur)
+                cur = []
+            cur.append(i)
+        rows.append(cur)
+    rows.sort(key=lambda r: (-row_width(seqs, r), r[0]))
+    plans: list[list[Row]] = []
+    cur_mb: list[Row] = []
     width = 0
-    for i in order:
-        w = max(width, len(seqs[i].ids))
-        if cur and w * (len(cur) + 1) > budget_tokens:
-            plans.append(cur)
-            cur, w = [], len(seqs[i].ids)
-        cur.append(i)
+    for r in rows:
+        w = max(width, row_width(seqs, r))
+        if cur_mb and w * (len(cur_mb) + 1) > budget_tokens:
+            plans.append(cur_mb)
+            cur_mb, w = [], row_width(seqs, r)
+        cur_mb.append(r)
         width = w
-    if cur:
-        plans.append(cur)
+    if cur_mb:
+        plans.append(cur_mb)
     return plans
 
 
-def collate(seqs: list[Seq], rows: list[int], offsets: list[int], pad_id: int = 0) -> MicroBatch:
-    """The right-padded block of seqs[rows] and the flat index of its response-predicting positions."""
-    width = max(len(seqs[i].ids) for i in rows)
+def collate(seqs: list[Seq], rows: list[Row], offsets: list[int], pad_id: int = 0) -> MicroBatch:
+    """The right-padded block of shared-prompt rows, its block-causal mask and position ids, and the flat
+    index of its response-predicting positions (see the module doc)."""
+    width = max(row_width(seqs, r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), width), dtype=torch.long)
-    gather, targets, seq_ids = [], [], []
-    for r, i in enumerate(rows):
-        s = seqs[i]
-        ids[r, :len(s.ids)] = torch.from_numpy(s.ids)
-        att[r, :len(s.ids)] = 1
-        pos = torch.arange(s.prompt_len - 1, len(s.ids) - 1)  # the hidden state at t predicts token t+1
-        gather.append(r * width + pos)
-        targets.append(torch.from_numpy(s.ids[s.prompt_len:]))
-        seq_ids.append(torch.full((s.resp_len,), r, dtype=torch.long))
-    return MicroBatch(ids, att, torch.cat(gather), torch.cat(targets), torch.cat(seq_ids),
-                      flat_positions(seqs, rows, offsets), list(rows))
+    pos_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)   # 0 prompt, k+1 response k, -1 padding
+    gather, targets, seq_ids, order = [], [], [], []
+    for r, row in enumerate(rows):
+        p = seqs[row[0]].prompt_len
+        if any(seqs[i].prompt_len != p or not np.array_equal(seqs[i].ids[:p], seqs[row[0]].ids[:p]) for i in row):
+            raise ValueError(f"row {r}: sequences {row} do not share one prompt")
+        ids[r, :p] = torch.from_numpy(seqs[row[0]].ids[:p])
+        pos_ids[r, :p] = torch.arange(p)
+        segment[r, :p] = 0
+        at = p
+        for k, i in enumerate(row):
+            s = seqs[i]
+            n = s.resp_len - 1   # inputs: the response without its last token
+            ids[r, at:at + n] = torch.from_numpy(s.ids[p:p + n])
+            pos_ids[r, at:at + n] = torch.arange(p, p + n)
+            segment[r, at:at + n] = k + 1
+            # response token 0 is predicted at the prompt's last position, token j >= 1 at segment position j-1
+            gather.append(r * width + torch.cat([torch.tensor([p - 1]), torch.arange(at, at + n)]))
+            targets.append(torch.from_numpy(s.ids[p:]))
+            seq_ids.append(torch.full((s.resp_len,), len(order), dtype=torch.long))
+            order.append(i)
+            at += n
+    q = torch.arange(width)
+    causal = q[None, :] <= q[:, None]                                      # [L(query), L(key)]
+    sq, sk = segment[:, :, None], segment[:, None, :]
+    mask = causal & ((sk == sq) | ((sk == 0) & (sq >= 0)))                 # padding attends only to padding
+    return MicroBatch(ids, mask[:, None], pos_ids, torch.cat(gather), torch.cat(targets), torch.cat(seq_ids),
+                      flat_positions(seqs, order, offsets), order)
 
 
 def split_groups(num_groups: int, parts: int) -> list[list[int]]:

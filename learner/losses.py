@@ -193,7 +193,7 @@ def _check_vec(name: str, t: torch.Tensor | None, n: int, *, integer: bool = Fal
             raise ValueError(f"{name}[{i}] is not finite ({float(t[i])})")
 
 
-def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Tensor | None, advantages: torch.Tensor,
                  seq_ids: torch.Tensor, counts: BatchCounts, cfg: AlgorithmConfig, *,
                  temperature: float = 1.0, chunk: int = 1024, valid: torch.Tensor | None = None,
                  ref_logp: torch.Tensor | None = None, mask: tuple[torch.Tensor, float] | None = None,
@@ -203,7 +203,9 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
     """The loss of one micro-batch and its statistics part (`learner.stats.summarize` merges parts).
 
     logits [N, V] at the response positions (float32/bf16, differentiable); tokens [N] sampled ids;
-    old_logp [N] pi_old log-probs at `temperature`; advantages [N] (broadcast per response); seq_ids [N];
+    old_logp [N] pi_old log-probs at `temperature`, or None when pi_old is the policy of these logits (one
+      update per step): the detached log-probs of this pass, returned in part["tokens/logp"];
+    advantages [N] (broadcast per response); seq_ids [N];
     counts: GLOBAL mini-batch counts (module doc); valid [N] bool or None (all).
     ref_logp [N]: reference-policy log-probs, required when cfg.kl_coef > 0.
     mask: (selected [N] bool, tau), this micro-batch's slice of the mask the caller computed over the
@@ -231,7 +233,9 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
     _check_vec("seq_ids", seq_ids, n, integer=True)
     if n and int(seq_ids.min()) < 0:
         raise ValueError(f"seq_ids[{int((seq_ids < 0).nonzero()[0])}] is negative")
-    _check_vec("old_logp", old_logp, n, finite_where=valid)
+    on_policy = old_logp is None
+    if not on_policy:
+        _check_vec("old_logp", old_logp, n, finite_where=valid)
     _check_vec("advantages", advantages, n, finite_where=valid)
     if cfg.kl_coef > 0 and ref_logp is None:
         raise ValueError("algorithm.kl_coef > 0 needs ref_logp (reference-policy log-probs)")
@@ -254,6 +258,9 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
 
     logp, entropy = token_stats(logits, tokens, temperature, chunk=chunk, with_entropy=need_entropy,
                                 grad_buffer=grad_buffer)
+
+    if on_policy:
+        old_logp = logp.detach()
 
     def clean(t: torch.Tensor | None) -> torch.Tensor | None:
         # zero the inputs of invalid tokens: a NaN there would reach the gradient as 0 * NaN = NaN
@@ -296,7 +303,7 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
         ent_loss = -entropy_coef * aggregate(entropy, valid, valid, seq_ids, cfg.loss_agg, all_norm)
         loss = loss + ent_loss
     if not stats:
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": float(loss.detach()), **({"tokens/logp": logp.detach()} if on_policy else {})}
 
     def count(m: torch.Tensor | None, within: torch.Tensor = selected) -> float:
         return float((m & within).sum()) if m is not None else 0.0
@@ -334,4 +341,6 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
         "tokens/entropy": valid_only(entropy) if entropy is not None else None,
         "tokens/cov": valid_only(token_covariance(logp, adv, valid)),
     }
+    if on_policy:
+        part["tokens/logp"] = logp.detach()
     return loss, part

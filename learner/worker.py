@@ -66,8 +66,11 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather: torch.Tensor):
-        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                gather: torch.Tensor):
+        """attention_mask [B, 1, L, L] bool and position_ids [B, L]: a shared-prompt layout (learner.batching)."""
+        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False)[0]
         h = h.reshape(-1, h.shape[-1]).index_select(0, gather)
         return self.lm.get_output_embeddings()(h)
 
@@ -247,8 +250,10 @@ class Trainer:
     def _logits(self, mb: MicroBatch | None) -> torch.Tensor:
         if mb is None:  # the empty pass: every rank must run the same forwards (ZeRO-3 gathers inside)
             ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
-            return self.engine(ids, torch.ones_like(ids), torch.zeros(1, dtype=torch.long, device=self.device))
-        return self.engine(mb.input_ids, mb.attention_mask, mb.gather)
+            mask = torch.ones(2, 2, dtype=torch.bool, device=self.device).tril()[None, None]
+            return self.engine(ids, mask, torch.arange(2, device=self.device)[None],
+                               torch.zeros(1, dtype=torch.long, device=self.device))
+        return self.engine(mb.input_ids, mb.attention_mask, mb.position_ids, mb.gather)
 
     @torch.no_grad()
     def _token_pass(self, mbs: list[MicroBatch | None], total: int,
@@ -278,7 +283,8 @@ class Trainer:
         out = torch.full((total,), math.nan, device=self.device)
         for p in plan_micro_batches(seqs, list(range(len(seqs))), self.cfg.learner.micro_batch_tokens):
             mb = collate(seqs, p, offsets, self.pad_id).to(self.device)
-            h = self.ref.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)[0]
+            h = self.ref.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                                    position_ids=mb.position_ids, use_cache=False)[0]
             logits = self.ref.get_output_embeddings()(h.reshape(-1, h.shape[-1]).index_select(0, mb.gather))
             out[mb.positions] = token_stats(logits, mb.targets, self.cfg.rollout.temperature,
                                             chunk=self.cfg.learner.logits_chunk, with_entropy=False)[0]
@@ -384,15 +390,23 @@ class Trainer:
         adv = torch.tensor([s.advantage for s in seqs for _ in range(s.resp_len)], dtype=torch.float32, device=dev)
 
         # pi_old = the current weights before this step's first update (in the synchronous loop, the
-        # sampler's weights): its log-probs, and its entropies for the first mini-batch's mask
-        old_logp, old_ent = self._token_pass(self._micro_batches(seqs, list(range(len(seqs))), offsets), total,
-                                             with_entropy=True)
-        mismatch = (old_logp - sampler_logp).abs()
+        # sampler's weights): its log-probs, and its entropies for the first mini-batch's mask. With a single
+        # update per step nothing needs them before the training forward, which computes them anyway
+        # (`single_pass`): they are filled in from it below.
+        single = single_pass(cfg)
+        if single:
+            old_logp = torch.full((total,), math.nan, device=dev)
+            old_ent = torch.full((total,), math.nan, device=dev)
+        else:
+            old_logp, old_ent = self._token_pass(self._micro_batches(seqs, list(range(len(seqs))), offsets), total,
+                                                 with_entropy=True)
         tis = None
         if ac.old_logprobs == "sampler":
-            old_logp = sampler_logp.clone()
-        elif ac.tis_cap is not None:
-            tis = torch.exp(torch.clamp(old_logp - sampler_logp, max=math.log(ac.tis_cap)))
+            pi_old = sampler_logp.clone()
+        else:
+            pi_old = old_logp
+            if ac.tis_cap is not None:
+                tis = torch.exp(torch.clamp(old_logp - sampler_logp, max=math.log(ac.tis_cap)))
         ref_logp = self._ref_logp(seqs, offsets, total) if self.ref is not None else None
         alpha = self.entropy_control.alpha if self.entropy_control else ac.entropy_coef
         t_prep = time.perf_counter() - t0
@@ -428,7 +442,7 @@ class Trainer:
                         continue
                     pos = mb.positions
                     loss, part = compute_loss(
-                        logits, mb.targets, old_logp[pos], adv[pos], mb.seq_ids, counts, ac,
+                        logits, mb.targets, None if single else pi_old[pos], adv[pos], mb.seq_ids, counts, ac,
                         temperature=cfg.rollout.temperature, chunk=lc.logits_chunk,
                         ref_logp=ref_logp[pos] if ref_logp is not None else None,
                         mask=(mask_vec[pos], tau) if mask_vec is not None else None,
@@ -436,6 +450,9 @@ class Trainer:
                         token_weight=tis[pos] if tis is not None else None,
                         grad_buffer=self._grad_buffer(logits))
                     self.engine.backward(loss * scale, scale_wrt_gas=False)
+                    if single:  # on-policy: this forward's log-probs and entropies are pi_old's
+                        old_logp[pos] = part.pop("tokens/logp")
+                        old_ent[pos] = part["tokens/entropy"]
                     parts.append(part)
                 lrs.append(float(self.engine.get_lr()[0]))
                 self.engine.step()
@@ -446,8 +463,9 @@ class Trainer:
         self.version += 1
 
         valid = ~torch.isnan(old_ent)
+        mismatch = (old_logp - sampler_logp).abs()
         n_local = float(valid.sum())
-        h_local = float(-old_logp[valid].sum()) if ac.entropy_estimator == "sampled" else float(old_ent[valid].sum())
+        h_local = float(-pi_old[valid].sum()) if ac.entropy_estimator == "sampled" else float(old_ent[valid].sum())
         mm_sum, h_sum, n_all, dropped_all = self._reduce([float(mismatch[valid].sum()), h_local, n_local, dropped])
         mm_max = self._reduce([float(mismatch[valid].max()) if n_local else 0.0], "max")[0]
         if self.entropy_control is not None and n_all:
@@ -468,6 +486,7 @@ class Trainer:
                 "learner/logprob_mismatch_mean": mm_sum / n_all if n_all else math.nan,
                 "learner/logprob_mismatch_max": mm_max if n_all else math.nan,
                 "learner/dropped_invalid": dropped_all,
+                "learner/old_logp_pass": 0.0 if single else 1.0,
             })
         return stats
 
@@ -622,6 +641,17 @@ class Trainer:
             self.entropy_control = EntropyControl(float(state["entropy_control"][0]),
                                                   bool(state["entropy_control"][1]))
         return {"version": self.version, "updates": self.updates}
+
+
+def single_pass(cfg: Config) -> bool:
+    """Whether a step trains with one forward per micro-batch, no separate no-grad pass for pi_old: one
+    update per step (epochs = mini_batches = 1, so pi_old IS the weights being trained and the ratio is 1
+    in value), old log-probs recomputed (not the sampler's), no TIS weight (it needs pi_old before the
+    forward) and no mini/global forking mask (it needs the whole mini-batch's entropies before the first
+    backward). TRL skips the same pass when num_iterations = 1; verl recomputes it always."""
+    ac, lc = cfg.algorithm, cfg.learner
+    return (lc.epochs == 1 and lc.mini_batches == 1 and ac.old_logprobs == "recompute" and ac.tis_cap is None
+            and (not _mask_active(ac) or ac.entropy_scope == "micro"))
 
 
 def _mask_active(ac) -> bool:

@@ -65,12 +65,21 @@ def make_groups(seed: int = 0, n_groups: tuple[int, ...] = (3, 1), prefix: str =
     return out
 
 
-def learner_config(stage: int) -> Config:
+def learner_config(stage: int | str) -> Config:
     """ZeRO-2: global top-40% mask, token-mean, 2 mini-batches (the second recomputes the entropies),
     recomputed old log-probs with TIS, warm-up + cosine, weight decay.
     ZeRO-3: per-rank (mini) top-30% mask, seq-mean-token-mean over selected tokens, 2 epochs, the
     sampler's log-probs as old log-probs, KL to the reference, entropy bonus, temperature 0.8, linear decay,
-    gradient checkpointing."""
+    gradient checkpointing.
+    "onpolicy" (ZeRO-2): one update per step, so the learner skips its pi_old pass (`single_pass`) and takes
+    pi_old from the training forward; all tokens, seq-mean-token-mean, entropy bonus, temperature 0.9."""
+    if stage == "onpolicy":
+        cfg = learner_config(2)
+        lc, ac = cfg.learner, cfg.algorithm
+        lc.mini_batches, lc.epochs, lc.micro_batch_tokens, lc.grad_clip = 1, 1, 32, 0.5
+        ac.top_entropy_ratio, ac.tis_cap, ac.loss_agg, ac.entropy_coef = 1.0, None, "seq-mean-token-mean", 0.01
+        cfg.rollout.temperature = 0.9
+        return cfg
     cfg = Config()
     cfg.run.steps = STEPS
     cfg.rollout.prompts_per_step = 4
@@ -390,12 +399,15 @@ def runs(untrained_tiny_model_dir, tmp_path_factory, queue_address):
     """Both stages' 2-rank runs (one pair of processes) and their references, shared by the checks below:
     stage -> (config, output directory, per-rank results, reference)."""
     out = tmp_path_factory.mktemp("zero")
-    refs = {stage: reference_without_ties(untrained_tiny_model_dir, learner_config(stage)) for stage in (2, 3)}
+    refs = {stage: reference_without_ties(untrained_tiny_model_dir, learner_config(stage))
+            for stage in (2, 3, "onpolicy")}
     spec = {"model": untrained_tiny_model_dir, "runs": {
         "zero2": {"config": refs[2][0].model_dump(mode="json"), "queue": queue_address},
-        "zero3": {"config": refs[3][0].model_dump(mode="json"), "sync": True}}}
+        "zero3": {"config": refs[3][0].model_dump(mode="json"), "sync": True},
+        "onpolicy": {"config": refs["onpolicy"][0].model_dump(mode="json")}}}
     results = run_ranks(out, spec)
-    return lambda stage: (refs[stage][0], out / f"zero{stage}", results[f"zero{stage}"], refs[stage][1])
+    name = {2: "zero2", 3: "zero3", "onpolicy": "onpolicy"}
+    return lambda stage: (refs[stage][0], out / name[stage], results[name[stage]], refs[stage][1])
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +426,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "onpolicy"])
 def test_matches_single_process_reference(runs, untrained_tiny_model_dir, stage):
     cfg, out, results, (records, ref_weights) = runs(stage)
     steps = results[0]["steps"]
@@ -440,8 +452,11 @@ def test_matches_single_process_reference(runs, untrained_tiny_model_dir, stage)
     # TIS, KL and the entropy bonus really entered the losses of these configurations
     if stage == 2:
         assert steps[0]["learner/logprob_mismatch_mean"] > 0.5
-    else:
+    elif stage == 3:
         assert steps[-1]["kl/ref"] > 0 and steps[0]["loss/entropy_bonus"] < 0
+    else:  # pi_old came from the training forward: no separate pass, and its stats are still reported
+        assert steps[0]["loss/entropy_bonus"] < 0 and steps[0]["learner/logprob_mismatch_mean"] > 0.5
+    assert [s["learner/old_logp_pass"] for s in steps] == [0.0 if stage == "onpolicy" else 1.0] * STEPS
 
 
 def micro_batch_parts(cfg: Config) -> list[dict[int, int]]:
@@ -479,7 +494,7 @@ def test_mask_scope_global_or_per_rank(runs, untrained_tiny_model_dir, stage):
     assert abs(np.mean(control[0]["loss"]) - steps[0]["loss"]) > 50 * 2e-4 * abs(steps[0]["loss"])
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, 3, "onpolicy"])
 def test_resume_gives_the_same_next_step(runs, stage):
     _, out, results, _ = runs(stage)
     updates = sum(s["learner/step_updates"] for s in results[0]["steps"][:-1])

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.types import Response, Rollout, ScoredGroup
-from learner.batching import (check_group, collate, flat_positions, plan_micro_batches, sequences, split_groups,
-                              token_offsets)
+from learner.batching import (check_group, collate, flat_positions, plan_micro_batches, row_width, sequences,
+                              split_groups, token_offsets)
 
 
 def group(gid: str, prompt: list[int], responses: list[list[int]], adv=None, logprobs=None) -> ScoredGroup:
@@ -37,19 +37,39 @@ def test_sequences_skip_empty_responses_and_keep_group_and_advantage():
     assert flat_positions(seqs, [2, 0], token_offsets(seqs)).tolist() == [4, 5, 0, 1, 2]
 
 
-def test_collate_gathers_exactly_the_positions_that_predict_response_tokens():
+def test_collate_lays_out_shared_prompt_rows_and_gathers_the_predicting_positions():
     seqs = sequences([group("a", [5, 6], [[1, 2, 3], [4]]), group("b", [7], [[8, 9]])])
     offsets = token_offsets(seqs)
-    mb = collate(seqs, [0, 2, 1], offsets, pad_id=0)
-    assert mb.input_ids.tolist() == [[5, 6, 1, 2, 3], [7, 8, 9, 0, 0], [5, 6, 4, 0, 0]]
-    assert mb.attention_mask.tolist() == [[1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]]
-    # the hidden state at flat index i predicts the token at i + 1 of the same row
-    assert mb.gather.tolist() == [1, 2, 3, 5, 6, 11]
-    assert mb.input_ids.flatten()[mb.gather + 1].tolist() == mb.targets.tolist() == [1, 2, 3, 8, 9, 4]
-    assert mb.seq_ids.tolist() == [0, 0, 0, 1, 1, 2]
-    assert mb.positions.tolist() == [0, 1, 2, 4, 5, 3] and mb.rows == [0, 2, 1] and mb.num_tokens == 6
-    # (that right-padded rows give each sequence's own logits is checked against an unpadded reference in
-    # tests/integration/test_learner_zero.py)
+    mb = collate(seqs, [[2], [0, 1]], offsets, pad_id=0)
+    # row 0: prompt [7], response [8, 9] without its last token; row 1: prompt [5, 6] once, then [1, 2]
+    # ([1, 2, 3] without 3) and nothing for the one-token response [4]
+    assert mb.input_ids.tolist() == [[7, 8, 0, 0], [5, 6, 1, 2]]
+    assert mb.position_ids.tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]]
+    # the hidden state at a gathered index predicts the target: a response's first token from the
+    # prompt's last position (shared by every response of the row), the next ones from its own segment
+    assert mb.gather.tolist() == [0, 1, 5, 6, 7, 5]
+    assert mb.targets.tolist() == [8, 9, 1, 2, 3, 4]
+    assert mb.seq_ids.tolist() == [0, 0, 1, 1, 1, 2]
+    assert mb.positions.tolist() == [4, 5, 0, 1, 2, 3] and mb.seqs == [2, 0, 1] and mb.num_tokens == 6
+    m = mb.attention_mask[:, 0].int().tolist()
+    assert m[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert m[0] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]   # padding sees only padding
+
+
+def test_collate_segments_attend_to_the_prompt_and_themselves_only():
+    seqs = sequences([group("a", [5, 6, 7], [[1, 2, 3], [4, 5], [6, 7, 8, 9]])])
+    mb = collate(seqs, [[0, 1, 2]], token_offsets(seqs))
+    seg = [0, 0, 0, 1, 1, 2, 3, 3, 3]                       # prompt, [1, 2], [4], [6, 7, 8]
+    assert mb.input_ids.tolist() == [[5, 6, 7, 1, 2, 4, 6, 7, 8]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 3, 4, 5]]
+    want = [[k <= q and (seg[k] == 0 or seg[k] == seg[q]) for k in range(9)] for q in range(9)]
+    assert mb.attention_mask[0, 0].tolist() == want
+
+
+def test_collate_refuses_a_row_whose_sequences_do_not_share_the_prompt():
+    seqs = sequences([group("a", [5, 6], [[1]]), group("b", [5, 7], [[2]])])
+    with pytest.raises(ValueError, match="do not share one prompt"):
+        collate(seqs, [[0, 1]], token_offsets(seqs))
 
 
 @settings(max_examples=60, deadline=None)
@@ -59,16 +79,27 @@ def test_micro_batch_plans_partition_within_budget(seed, n, budget):
     _, seqs = random_seqs(rng, n)
     idx = sorted(rng.choice(len(seqs), size=rng.integers(0, len(seqs) + 1), replace=False).tolist()) if seqs else []
     plans = plan_micro_batches(seqs, idx, budget)
-    assert sorted(i for p in plans for i in p) == idx
+    rows = [r for p in plans for r in p]
+    assert sorted(i for r in rows for i in r) == idx
+    for r in rows:
+        assert len({seqs[i].group for i in r}) == 1                # one prompt per row
+        assert row_width(seqs, r) <= budget or len(r) == 1          # an over-wide sequence alone
     for p in plans:
-        width = max(len(seqs[i].ids) for i in p)
-        assert len(p) * width <= budget or len(p) == 1          # an over-long sequence alone
-    lengths = [len(seqs[i].ids) for p in plans for i in p]
-    assert lengths == sorted(lengths, reverse=True)              # longest first: rows of similar length
-    # every response token appears once across the micro-batches, at its own flat position
+        width = max(row_width(seqs, r) for r in p)
+        assert len(p) * width <= budget or len(p) == 1              # an over-wide row alone
+    widths = [row_width(seqs, r) for r in rows]
+    assert widths == sorted(widths, reverse=True)                  # widest first: rows of similar width
+    # every response token appears once across the micro-batches, at its own flat position, and the
+    # gathered position holds the token before it (the prompt's last token for a response's first)
     offsets = token_offsets(seqs)
-    pos = torch.cat([collate(seqs, p, offsets).positions for p in plans]) if plans else torch.zeros(0, dtype=torch.long)
-    assert sorted(pos.tolist()) == flat_positions(seqs, idx, offsets).sort().values.tolist()
+    pos = []
+    for p in plans:
+        mb = collate(seqs, p, offsets)
+        pos += mb.positions.tolist()
+        prev = np.concatenate([[seqs[i].ids[seqs[i].prompt_len - 1 + j] for j in range(seqs[i].resp_len)]
+                               for i in mb.seqs])
+        assert mb.input_ids.flatten()[mb.gather].tolist() == prev.tolist()
+    assert sorted(pos) == flat_positions(seqs, idx, offsets).sort().values.tolist()
 
 
 @pytest.mark.parametrize("n,parts", [(7, 3), (2, 4), (0, 2), (8, 8), (5, 1)])

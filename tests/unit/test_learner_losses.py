@@ -452,3 +452,32 @@ def test_stats_false_is_the_cheap_path_with_the_same_loss():
     l2, g2, small = run_loss(batch, counts_for(48, 48), cfg, stats=False)
     assert l1 == pytest.approx(l2, rel=1e-6) and set(small) == {"loss"} and "tokens/entropy" in part
     torch.testing.assert_close(g1, g2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_on_policy_old_logp_none_is_the_detached_logp_of_this_pass(policy, temperature):
+    """old_logp=None (one update per step: pi_old is the policy of these logits) equals passing that
+    policy's log-probs computed beforehand, in loss, gradient and statistics, against the float64
+    reference; the pass's log-probs come back in part["tokens/logp"]. KL-Cov's penalty |logp - old_logp|
+    is exactly 0 on-policy with subgradient 0 (torch.abs at 0, as in verl when its recomputed old
+    log-probs equal the current ones bit for bit), so its gradient is the unclipped -A r one, which at
+    r = 1 is PPO's: it is checked against the PPO reference."""
+    logits, tokens, _, adv, seq_ids, ref_logp = make_batch(11, LENGTHS)
+    cfg = AlgorithmConfig(policy_loss=policy, clip_cov_ratio=0.2, kl_cov_ratio=0.2, kl_coef=0.01)
+    exact = torch.log_softmax(logits.double() / temperature, -1).gather(-1, tokens[:, None]).squeeze(-1).float()
+    n = logits.shape[0]
+    counts = counts_for(n, n)
+    on = run_loss((logits, tokens, None, adv, seq_ids, ref_logp), counts, cfg, temperature=temperature,
+                  generator=torch.Generator().manual_seed(3))
+    given = run_loss((logits, tokens, exact, adv, seq_ids, ref_logp), counts, cfg, temperature=temperature,
+                     generator=torch.Generator().manual_seed(3))
+    ref_cfg = AlgorithmConfig(policy_loss="ppo", kl_coef=0.01) if policy == "kl_cov" else cfg
+    ref, ref_grad, _ = ref_loss(logits, tokens, exact, adv, seq_ids, counts, ref_cfg, temperature=temperature,
+                                ref_logp=ref_logp, clip_cov_seed=3)
+    assert on[0] == pytest.approx(ref, rel=1e-5, abs=1e-6) and on[0] == pytest.approx(given[0], rel=1e-5)
+    torch.testing.assert_close(on[1].double(), ref_grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(on[2].pop("tokens/logp"), exact, rtol=0, atol=1e-5)
+    assert on[2]["max/ratio"] == on[2]["min/ratio"] == 1.0 and "tokens/logp" not in given[2]
+    for key in ("count/clip_low", "count/clip_high", "count/clip_cov", "count/kl_cov", "sum/neg_old_logp"):
+        assert on[2][key] == pytest.approx(given[2][key], rel=1e-5), key
