@@ -35,9 +35,9 @@ def async_loop(s, steps: range) -> None:
     new weights reach a generator between two generate calls; the queue drops groups older than k."""
     rollouts = s.collect(s.generate(s.data.next()))
     for step in steps:
-        with s.phase("grade"):
-            n_groups = s.grade_and_push(rollouts)
         pending = s.generate(s.data.next())          # sampled with the current weights ...
+        with s.phase("grade"):
+            n_groups = s.grade_and_push(rollouts)    # ... while the graders score the last batch
         with s.phase("train"):
             s.train(n_groups)                        # ... while the learner trains
         with s.phase("generate"):
