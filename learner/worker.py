@@ -1,8 +1,9 @@
 """One DeepSpeed ZeRO learner rank (`Trainer`, a plain class) and the ranks as Ray actors (`LearnerGroup`).
 
 One RL step on a rank (`train_step`): read its share of fresh groups from the queue -> recompute the old
-log-probs and entropies (no grad) -> for each epoch and mini-batch: the forking-token mask at the configured
-scope, the global normalisers, forward/backward over packed micro-batches, one optimizer step -> ack.
+log-probs and entropies (no grad; skipped when the step has a single update, see `single_pass`) -> for each
+epoch and mini-batch: the forking-token mask at the configured scope, the global normalisers,
+forward/backward over packed shared-prompt micro-batches (learner.batching), one optimizer step -> ack.
 
 Collectives. ZeRO-2 reduces gradients inside every backward and ZeRO-3 gathers parameters inside every
 forward, so every rank runs the same sequence of passes: a rank with fewer micro-batches in a pass list
@@ -17,7 +18,8 @@ ranks. Each micro-batch loss is multiplied by `deepspeed_loss_scale(world)` to u
 ranks, so the gradient DeepSpeed hands the optimizer is exactly the gradient of the mini-batch loss.
 
 Old log-probs (AlgorithmConfig.old_logprobs): `recompute` (default) runs a no-grad pass under the weights
-before the step's first update; `sampler` takes the sampler's log-probs, so the PPO ratio itself corrects
+before the step's first update, or, with one update per step (`single_pass`), takes them from the training
+forward itself, where they are the same numbers (about a third of a step's compute saved); `sampler` takes the sampler's log-probs, so the PPO ratio itself corrects
 the sampler/learner mismatch. With `recompute` and `tis_cap`, each token's policy term is weighted by
 min(pi_old / pi_sampler, tis_cap). The mismatch |log pi_old - log pi_sampler| is reported either way
 (learner/logprob_mismatch_mean, _max). Dropout is off in every pass (`disable_dropout`).
