@@ -19,10 +19,11 @@ ranks, so the gradient DeepSpeed hands the optimizer is exactly the gradient of 
 
 Old log-probs (AlgorithmConfig.old_logprobs): `recompute` (default) runs a no-grad pass under the weights
 before the step's first update, or, with one update per step (`single_pass`), takes them from the training
-forward itself, where they are the same numbers (about a third of a step's compute saved); `sampler` takes the sampler's log-probs, so the PPO ratio itself corrects
-the sampler/learner mismatch. With `recompute` and `tis_cap`, each token's policy term is weighted by
-min(pi_old / pi_sampler, tis_cap). The mismatch |log pi_old - log pi_sampler| is reported either way
-(learner/logprob_mismatch_mean, _max). Dropout is off in every pass (`disable_dropout`).
+forward itself, where they are the same numbers (about a third of a step's compute saved); `sampler` takes
+the sampler's log-probs, so the PPO ratio itself corrects the sampler/learner mismatch. With `recompute`
+and `tis_cap`, each token's policy term is weighted by min(pi_old / pi_sampler, tis_cap). The mismatch
+|log pi_old - log pi_sampler| is reported either way (learner/logprob_mismatch_mean, _max). Dropout is off
+in every pass (`disable_dropout`).
 
 Forking-token scope (AlgorithmConfig.entropy_scope): `micro` is computed inside `compute_loss`; `mini`
 (this rank's mini-batch) and `global` (all ranks' mini-batch, `distributed.global_forking_mask`) need the
@@ -214,7 +215,8 @@ class Trainer:
         self.device = self.engine.device
         self.ref = None
         if self.cfg.algorithm.kl_coef > 0:
-            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
+            ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype)
+            self.ref = Policy(ref).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.entropy_control = initial_control(self.cfg.algorithm) if self.cfg.algorithm.adaptive_entropy else None
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
@@ -279,15 +281,13 @@ class Trainer:
 
     @torch.no_grad()
     def _ref_logp(self, seqs: list[Seq], offsets: list[int], total: int) -> torch.Tensor:
-        """Reference-policy log-probs [total] (a plain module on every rank: no collectives)."""
+        """Reference-policy log-probs [total] (a plain `Policy` on every rank, outside DeepSpeed: no collectives)."""
         from learner.tokenstats import token_stats
 
         out = torch.full((total,), math.nan, device=self.device)
         for p in plan_micro_batches(seqs, list(range(len(seqs))), self.cfg.learner.micro_batch_tokens):
             mb = collate(seqs, p, offsets, self.pad_id).to(self.device)
-            h = self.ref.base_model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                    position_ids=mb.position_ids, use_cache=False)[0]
-            logits = self.ref.get_output_embeddings()(h.reshape(-1, h.shape[-1]).index_select(0, mb.gather))
+            logits = self.ref(mb.input_ids, mb.attention_mask, mb.position_ids, mb.gather)
             out[mb.positions] = token_stats(logits, mb.targets, self.cfg.rollout.temperature,
                                             chunk=self.cfg.learner.logits_chunk, with_entropy=False)[0]
         return out

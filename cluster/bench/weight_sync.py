@@ -113,12 +113,11 @@ def run(case: str | None = None) -> Iterator[dict]:
         if c not in TARGETS:
             raise KeyError(f"unknown weight-sync case {c!r}; choose from {', '.join(TARGETS)}")
     ensure_ray()
-    # This process stands in for learner rank 0, which is a Ray worker, and Ray runs its workers at nice 15
-    # (RAY_worker_niceness): take the same priority (after ray.init, so Ray's own processes keep theirs).
-    # At nice 0 the sender's bucket copies would outrank the generator's reload on a 2-core box, which no
-    # real sync sees.
+    # This process stands in for learner rank 0, a Ray worker: its threads, and Ray's worker priority (nice
+    # 15, RAY_worker_niceness; taken after ray.init, so Ray's own processes keep theirs). At nice 0 the
+    # sender's bucket copies would outrank the generator's reload on a 2-core box, which no real sync sees.
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
-    torch.set_num_threads(LearnerConfig().threads)   # this process stands in for learner rank 0
+    torch.set_num_threads(LearnerConfig().threads)
     sync_cfg = SyncConfig()
     r = RolloutConfig(kv_cache_gib=0.5)          # the production engine settings (threads included)
     for c in cases:
