@@ -9,7 +9,7 @@ Log-probs are the sampler's own for the sampled token. `rollout.logprobs_mode=pr
 gives log-probs of the distribution actually sampled from (after temperature and top-p), which is what the
 importance ratio needs; vLLM's own default is the raw model distribution.
 
-Weights arrive through cluster/weightsync.py: `init_weight_sync` joins the private group (every vLLM worker
+Weights arrive through cluster/transport/weightsync.py: `init_weight_sync` joins the private group (every vLLM worker
 is one rank), then each `receive_weights` takes one versioned sync. Ray runs one method of an actor at a time,
 so a sync always lands between two `generate` calls and every rollout carries exactly the version it was
 sampled with.
@@ -194,7 +194,7 @@ class _HFEngine:
         return groups
 
     def init_sync(self, host, port, rank_offset, world_size, timeout_s, backend) -> list[int]:
-        from cluster.weightsync import WeightReceiver
+        from cluster.transport.weightsync import WeightReceiver
 
         self.close_sync()
         self._rx = WeightReceiver(host, port, rank_offset, world_size, timeout_s=timeout_s, backend=backend)

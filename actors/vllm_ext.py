@@ -3,7 +3,7 @@
 vLLM mixes this class into its worker (`LLM(..., worker_extension_cls="actors.vllm_ext.WeightSyncWorker")`)
 and the generator actor reaches its methods with `llm.collective_rpc(name, args=...)`, so with tensor
 parallelism every worker joins the sync group and reloads its own shard. Only plain values cross
-`collective_rpc`; the tensors come through the private group of cluster/weightsync.py.
+`collective_rpc`; the tensors come through the private group of cluster/transport/weightsync.py.
 
 Weights are reloaded through `reload_weights(weights_iterator=..., is_checkpoint_format=True)`, the path
 that works on CPU (PLATFORM.md: `model.load_weights` leaves the repacked CPU linear layers empty). It gets
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from cluster.weightsync import WeightReceiver
+from cluster.transport.weightsync import WeightReceiver
 
 
 class WeightSyncWorker:

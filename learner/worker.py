@@ -151,7 +151,7 @@ class Trainer:
         return ray.util.get_node_ip_address()
 
     def free_port(self, host: str) -> int:
-        from cluster.weightsync import free_port
+        from cluster.transport.weightsync import free_port
 
         return free_port(host)
 
@@ -224,7 +224,7 @@ class Trainer:
 
     def attach_queue(self, address: dict[str, Any], name: str | None = None) -> None:
         """Become consumer `rank<r>` of the run's queue (a restarted rank takes its pending groups back)."""
-        from cluster.queue import Consumer, QueueAddress
+        from cluster.transport.queue import Consumer, QueueAddress
 
         if self.consumer is not None:
             self.consumer.close()
@@ -321,7 +321,7 @@ class Trainer:
         ack them only after the step's optimizer updates succeeded. If any rank's read fails, every rank
         raises (no rank is left waiting in a collective); read groups stay pending and come back to the
         same consumer name after a restart."""
-        from cluster.queue import Batch
+        from cluster.transport.queue import Batch
 
         t0 = time.perf_counter()
         batch, error = Batch([], []), None
@@ -553,8 +553,8 @@ class Trainer:
                 yield from ((n, p.data) for n, p in params)
 
     def weight_specs(self):
-        """The `cluster.weightsync.TensorSpec` of every item of `named_weights`, in order, without gathering."""
-        from cluster.weightsync import TensorSpec
+        """The `cluster.transport.weightsync.TensorSpec` of every item of `named_weights`, in order, ungathered."""
+        from cluster.transport.weightsync import TensorSpec
 
         return [TensorSpec(n, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
                 for _, params in self._module_params() for n, p in params]
@@ -565,7 +565,7 @@ class Trainer:
 
     def init_sender(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (blocks until the generators joined)."""
-        from cluster.weightsync import WeightSender
+        from cluster.transport.weightsync import WeightSender
 
         sc = self.cfg.sync
         self.close_sender()   # re-initialising after a failed sync or a replaced generator

@@ -12,7 +12,7 @@ setup_env()
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The warm-started tiny Qwen2 model of `forkrl models build-tiny` (cached across runs)."""
-    from cluster.models import build_tiny
+    from cluster.data.models import build_tiny
 
     return str(build_tiny(str(cache_dir("models", "tiny-arith")), task="arith"))
 
@@ -20,6 +20,6 @@ def tiny_model_dir() -> str:
 @pytest.fixture(scope="session")
 def untrained_tiny_model_dir() -> str:
     """Same architecture and tokenizer, random weights (no SFT): fast to build, for plumbing tests."""
-    from cluster.models import build_tiny
+    from cluster.data.models import build_tiny
 
     return str(build_tiny(str(cache_dir("models", "tiny-random")), task="arith", sft_steps=0))

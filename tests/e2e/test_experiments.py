@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from cluster.experiments import (ExperimentError, SPEC_DIR, _sample_entropies, collapse_fit_run, load_spec,
+from cluster.tools.experiments import (ExperimentError, SPEC_DIR, _sample_entropies, collapse_fit_run, load_spec,
                                   run_experiment)
 
 NAMES = ("entropy-patterns", "forking-tokens", "entropy-mechanism", "collapse-law", "label-free")
@@ -145,7 +145,7 @@ def test_sampled_entropies_match_a_teacher_forced_float64_reference(tiny_model_d
     from transformers import AutoModelForCausalLM
 
     from cluster.config import DataConfig
-    from cluster.tasks import load_problems, render_text
+    from cluster.data.tasks import load_problems, render_text
 
     cfg = DataConfig(task="arith", eval_size=3)
     _, held = load_problems(cfg, 0)

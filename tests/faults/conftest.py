@@ -49,7 +49,7 @@ SECURITY = """
 - An external Redis without a password: a loud warning (`WITHOUT A PASSWORD`, log and `warnings`;
   tests/integration/test_queue.py `test_wrong_or_missing_password_is_a_clear_error`).
 - ACL user option `queue.username`, confined to `forkrl:<run_id>:*` and the queue's commands
-  (`cluster.queue.create_acl_user`; tests/integration/test_queue.py `test_acl_user_is_confined_to_its_run`).
+  (`cluster.transport.queue.create_acl_user`; tests/integration/test_queue.py `test_acl_user_is_confined_to_its_run`).
 - No pickle on the stream (msgpack codec, fuzzed bytes are dropped and counted) or in the weight-sync
   manifest.
 - /metrics is served on 127.0.0.1 (checked on the listening socket of a live run) and a local run starts Ray

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from cluster.valkey import start_redis, start_valkey
+from cluster.transport.valkey import start_redis, start_valkey
 
 
 def _ensure_redis_server() -> None:
@@ -52,7 +52,7 @@ def queue_server(request):
 @pytest.fixture
 def queue_addr(queue_server):
     """A fresh run on the server, set up, and deleted afterwards."""
-    from cluster.queue import QueueAddress, delete_run, setup_run
+    from cluster.transport.queue import QueueAddress, delete_run, setup_run
 
     addr = QueueAddress(queue_server.url, f"t-{uuid.uuid4().hex[:12]}", queue_server.password)
     setup_run(addr)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.metrics import metric_names
+from cluster.observe.metrics import metric_names
 
 PROM_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES = PROM_DIR / "forkrl-alerts.yaml"

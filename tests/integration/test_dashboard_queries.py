@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from cluster.config import MetricsConfig
-from cluster.dashboards import DASHBOARDS, render
-from cluster.metrics import MetricsExporter
+from cluster.observe.dashboards import DASHBOARDS, render
+from cluster.observe.metrics import MetricsExporter
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "forkrl-alerts.yaml"

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.generator import Sampling, generator_actor
 from cluster.config import DataConfig, RolloutConfig
-from cluster.tasks import render_prompts, synthetic_problems
+from cluster.data.tasks import render_prompts, synthetic_problems
 from cluster.types import Prompt
-from cluster.weightsync import SyncError, TensorSpec, WeightSender, free_port, plan_buckets
+from cluster.transport.weightsync import SyncError, TensorSpec, WeightSender, free_port, plan_buckets
 
 HOST = "127.0.0.1"
 ROLLOUT = RolloutConfig(group_size=4, max_new_tokens=48, kv_cache_gib=0.25, eval_samples=3, max_num_seqs=64)

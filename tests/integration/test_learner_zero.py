@@ -146,7 +146,7 @@ def stage_run(cfg: Config, model: str, rank: int, port: int, out_dir: Path, run:
 def queue_scenario(tr, address: dict, rank: int) -> dict:
     """Groups are acked only after a successful step: a step whose training raises leaves them pending
     and untrained; a consumer restarted under the same name gets them back, trains, acks."""
-    from cluster.queue import Producer, QueueAddress
+    from cluster.transport.queue import Producer, QueueAddress
 
     shares = (2, 1)
     if rank == 0:
@@ -179,7 +179,7 @@ def sync_scenario(tr, rank: int) -> dict:
     """sync_weights: rank 0 broadcasts the (ZeRO-3 gathered) weights to a receiver, as to a generator."""
     import threading
 
-    from cluster.weightsync import WeightReceiver
+    from cluster.transport.weightsync import WeightReceiver
 
     got: dict = {}
     if rank == 0:
@@ -412,7 +412,7 @@ def runs(untrained_tiny_model_dir, tmp_path_factory, queue_address):
 
 @pytest.fixture(scope="module")
 def queue_address(valkey_server):
-    from cluster.queue import QueueAddress, delete_run, setup_run
+    from cluster.transport.queue import QueueAddress, delete_run, setup_run
 
     addr = QueueAddress(valkey_server.url, f"t-{uuid.uuid4().hex[:12]}", valkey_server.password)
     setup_run(addr)

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.config import MetricsConfig
-from cluster.metrics import (COLLAPSE_STATS, INFO_NAME, OWN, STALENESS, STALENESS_BUCKETS, STEP_STATS,
+from cluster.observe.metrics import (COLLAPSE_STATS, INFO_NAME, OWN, STALENESS, STALENESS_BUCKETS, STEP_STATS,
                              MetricsExporter, metric_names)
 
 ROOT = Path(__file__).resolve().parents[2]

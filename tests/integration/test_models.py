@@ -82,7 +82,7 @@ def test_build_tiny_is_cached_partial_and_loads_in_vllm(tiny_model_dir):
 
 
 def test_build_tiny_is_deterministic(tmp_path):
-    from cluster.models import build_tiny
+    from cluster.data.models import build_tiny
     from safetensors.torch import load_file
 
     a = build_tiny(tmp_path / "a", sft_steps=3, log=lambda *_: None)
@@ -93,7 +93,7 @@ def test_build_tiny_is_deterministic(tmp_path):
 
 @pytest.mark.slow
 def test_import_smollm2_loads_in_transformers_and_vllm():
-    from cluster.models import import_smollm2
+    from cluster.data.models import import_smollm2
 
     path = str(import_smollm2(cache_dir("models", "smollm2-135m-instruct"), log=lambda *_: None))
     info = json.loads((Path(path) / "forkrl_build.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.dashboards import DASHBOARDS, render
+from cluster.observe.dashboards import DASHBOARDS, render
 from tests.integration.test_dashboard_queries import RULES, free_port, run_prometheus
 
 ROOT = Path(__file__).resolve().parents[2]

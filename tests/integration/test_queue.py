@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import redis
 
-from cluster import codec
+from cluster.transport import codec
 from cluster.config import QueueConfig
-from cluster.queue import (Consumer, Producer, QueueAddress, QueueAuthError, QueueError, QueueFull, QueueTimeout,
-                           ServerLost, create_acl_user, delete_run, setup_run)
+from cluster.transport.queue import (Consumer, Producer, QueueAddress, QueueAuthError, QueueError, QueueFull,
+                                     QueueTimeout, ServerLost, create_acl_user, delete_run, setup_run)
 from cluster.types import Response, Rollout, ScoredGroup
 
 FAST = QueueConfig(claim_idle_s=0.4, block_timeout_s=5, read_timeout_s=10, reconnect_s=5)
@@ -200,7 +200,7 @@ def _child_consumer(addr: QueueAddress, name: str, n: int) -> subprocess.Popen:
     code = (
         "import json, sys, time\n"
         "from cluster.config import QueueConfig\n"
-        "from cluster.queue import Consumer, QueueAddress\n"
+        "from cluster.transport.queue import Consumer, QueueAddress\n"
         "a = json.loads(sys.stdin.readline())\n"
         "c = Consumer(QueueAddress(a['url'], a['run_id'], a['password']), a['name'], QueueConfig(claim_idle_s=0.4))\n"
         "b = c.read(a['n'], version=0)\n"

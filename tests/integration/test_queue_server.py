@@ -1,4 +1,4 @@
-"""The servers the queue starts (cluster.valkey) and what the queue does when one restarts."""
+"""The servers the queue starts (cluster.transport.valkey) and what the queue does when one restarts."""
 
 import os
 import stat
@@ -10,9 +10,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cluster.config import QueueConfig
-from cluster.queue import Consumer, Producer, QueueAddress, ServerLost, open_queue, setup_run
+from cluster.transport.queue import Consumer, Producer, QueueAddress, ServerLost, open_queue, setup_run
 from cluster.types import Response, Rollout, ScoredGroup
-from cluster.valkey import LocalServer, redis_binary, valkey_binary
+from cluster.transport.valkey import LocalServer, redis_binary, valkey_binary
 
 FAST = QueueConfig(claim_idle_s=0.4, read_timeout_s=10, reconnect_s=10)
 
@@ -100,7 +100,7 @@ def test_embedded_server_dies_with_a_killed_driver(tmp_path):
     import sys
     import time
 
-    code = ("import sys, time; from cluster.valkey import start_valkey; "
+    code = ("import sys, time; from cluster.transport.valkey import start_valkey; "
             f"s = start_valkey(aof=True, data_dir={str(tmp_path / 'q')!r}); print(s._proc.pid, flush=True); "
             "time.sleep(600)")
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

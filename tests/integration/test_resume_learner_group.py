@@ -45,7 +45,7 @@ def ray_local():
 
 @pytest.fixture
 def queue(valkey_server):
-    from cluster.queue import QueueAddress, delete_run, setup_run
+    from cluster.transport.queue import QueueAddress, delete_run, setup_run
 
     addr = QueueAddress(valkey_server.url, f"t-{uuid.uuid4().hex[:12]}", valkey_server.password)
     setup_run(addr)
@@ -68,7 +68,7 @@ def _comparable(stats: dict) -> dict:
 
 
 def test_learner_group_trains_from_the_queue_and_resumes(ray_local, queue, untrained_tiny_model_dir, tmp_path):
-    from cluster.queue import Producer
+    from cluster.transport.queue import Producer
     from learner.worker import LearnerGroup
 
     cfg = resume_config()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.weightsync import SyncError, TensorSpec, WeightReceiver, WeightSender, free_port
+from cluster.transport.weightsync import SyncError, TensorSpec, WeightReceiver, WeightSender, free_port
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def _peer(code: str, port: int) -> subprocess.Popen:
     measures the sync, not the interpreter's start)."""
     script = textwrap.dedent(f"""
         import os, torch
-        from cluster.weightsync import TensorSpec, WeightReceiver, WeightSender
+        from cluster.transport.weightsync import TensorSpec, WeightReceiver, WeightSender
         port = {port}
         print("ready", flush=True)
     """) + textwrap.dedent(code)

@@ -1,4 +1,4 @@
-"""cluster.codec: exact round trips, and one clear CodecError for every malformed input (fuzzed)."""
+"""cluster.transport.codec: exact round trips, and one clear CodecError for every malformed input (fuzzed)."""
 
 import pickle
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import codec
-from cluster.codec import CodecError, decode, encode
+from cluster.transport import codec
+from cluster.transport.codec import CodecError, decode, encode
 from cluster.types import Response, Rollout, ScoredGroup
 
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

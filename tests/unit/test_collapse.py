@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from cluster.collapse import CollapseTracker, entropy_trend, fit_collapse
-from cluster.metrics import COLLAPSE_STATS
+from cluster.observe.collapse import CollapseTracker, entropy_trend, fit_collapse
+from cluster.observe.metrics import COLLAPSE_STATS
 
 
 def ref_fit(h, r):

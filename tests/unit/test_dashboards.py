@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
-from cluster.dashboards import DASHBOARDS, export, push, render, to_json, upload_payload
-from cluster.metrics import INFO_NAME, metric_names
+from cluster.observe.dashboards import DASHBOARDS, export, push, render, to_json, upload_payload
+from cluster.observe.metrics import INFO_NAME, metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CHECKED_IN = ROOT / "dashboards"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.tasks import synthetic_problems
+from cluster.data.tasks import synthetic_problems
 from reward.verifiers import (MAX_ANSWER_CHARS, BadInput, countdown_check, countdown_expression, extract_final,
                               gold_answer, math_equal, numeric_key, parse_countdown_answer, resolve_verifier,
                               run_job, safe_run_job, score_response)

@@ -5,8 +5,8 @@ from fractions import Fraction
 import pytest
 
 from cluster.config import DataConfig
-from cluster.models import tiny_tokenizer
-from cluster.tasks import (DataError, file_problems, last_boxed, load_problems, render_prompts,
+from cluster.data.models import tiny_tokenizer
+from cluster.data.tasks import (DataError, file_problems, last_boxed, load_problems, render_prompts,
                            synthetic_problems)
 
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.weightsync import _ALIGN, Manifest, SyncError, TensorSpec, plan_buckets
+from cluster.transport.weightsync import _ALIGN, Manifest, SyncError, TensorSpec, plan_buckets
 
 DTYPES = ["float32", "bfloat16", "float16", "int64", "int8", "bool"]
 
@@ -69,7 +69,7 @@ def test_manifest_decode_rejects_bad_input_naming_the_problem(payload, match):
 
 
 def test_backend_resolution_never_picks_nccl_without_a_gpu():
-    from cluster.weightsync import resolve_backend
+    from cluster.transport.weightsync import resolve_backend
 
     assert resolve_backend("gloo") == "gloo"
     assert resolve_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
@@ -79,7 +79,7 @@ def test_backend_resolution_never_picks_nccl_without_a_gpu():
 
 
 def test_group_rejects_a_rank_outside_the_world_before_any_network():
-    from cluster.weightsync import BroadcastGroup
+    from cluster.transport.weightsync import BroadcastGroup
 
     with pytest.raises(SyncError, match="rank 2 outside world of size 2"):
         BroadcastGroup("127.0.0.1", 1, 2, 2, 1.0, "gloo")

@@ -11,7 +11,7 @@ An experiment is a YAML file in configs/experiments/NAME.yaml:
     budget: {run.steps: 24, run.eval_every: 6}
     smoke: {seeds: [0], arms: [names], overrides: {...}}   the test suite's few-step version
 
-Train experiments run every (arm, seed) with `cluster.driver.train` in this process, all sharing one Ray
+Train experiments run every (arm, seed) with `cluster.driver.loops.train` in this process, all sharing one Ray
 session (start-up per run is the actors only), then aggregate each run's metrics.jsonl into tables (mean ±
 std across seeds) and PNG curves (seed mean with a ±1 std band), and write NAME.md into the output
 directory (docs/results by default; a temporary directory in smoke mode so tests never touch the tree) and
@@ -38,11 +38,11 @@ import numpy as np
 import yaml
 
 from cluster.config import ConfigError, load_config
-from cluster.report import read_metrics, save_figure
+from cluster.observe.report import read_metrics, save_figure
 
 log = logging.getLogger("forkrl")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SPEC_DIR = ROOT / "configs" / "experiments"
 RESULTS_DIR = ROOT / "docs" / "results"
 ANALYSES = ("compare", "collapse", "ttrl")
@@ -228,7 +228,7 @@ def _train_one(spec: Spec, arm: Arm, seed: int, runs: Path) -> RunResult:
     from ray.util import placement_group_table, remove_placement_group
     from ray.util.placement_group import PlacementGroup
 
-    from cluster.driver import train
+    from cluster.driver.loops import train
 
     cfg = load_config(None, [*spec.overrides(arm, seed), f"run.output_dir={json.dumps(str(runs / arm.name))}"])
     before = set(placement_group_table())
@@ -495,7 +495,7 @@ def collapse_split(rows: list[dict], steps: int, share: float = 0.15):
 
 def collapse_fit_run(rows: list[dict], steps: int, share: float = 0.15) -> dict[str, float]:
     """Fit R = -a e^H + b on the early eval points of one run; prediction RMSE on the later ones."""
-    from cluster.collapse import fit_collapse
+    from cluster.observe.collapse import fit_collapse
 
     fit_pts, rest = collapse_split(rows, steps, share)
     out = {"fit_points": float(len(fit_pts)), "test_points": float(len(rest))}
@@ -572,11 +572,11 @@ def analyse_collapse(spec: Spec, results: list[RunResult], out: Path) -> tuple[s
     summary = (f"{spec.title}: prediction RMSE {fmt(pm, ps, 4)} on the held-out {1 - share:.0%} of steps "
                f"(paper ~0.009; constant predictor {fmt(cm, digits=4)}; eval noise ~{fmt(noise, digits=4)}).")
     body = "\n".join(["## Fit per seed", "", "\n".join(lines), "",
-                      "a, b: coefficients of R = -a e^H + b (OLS on exp(H), cluster/collapse.py); ceiling = b - a; "
-                      "fit_rmse: residual on the fit points; pred_rmse: RMSE of the prediction on the later eval "
-                      "points; const_rmse: the same for a constant equal to the mean accuracy of the fit points; "
-                      "final_error: |prediction - observed| at the last eval; full_rmse: residual of a fit on all "
-                      "points.", "", *(["Fit failures: " + "; ".join(errors), ""] if errors else []),
+                      "a, b: coefficients of R = -a e^H + b (OLS on exp(H), cluster/observe/collapse.py); "
+                      "ceiling = b - a; fit_rmse: residual on the fit points; pred_rmse: RMSE of the prediction on "
+                      "the later eval points; const_rmse: the same for a constant equal to the mean accuracy of the "
+                      "fit points; final_error: |prediction - observed| at the last eval; full_rmse: residual of a "
+                      "fit on all points.", "", *(["Fit failures: " + "; ".join(errors), ""] if errors else []),
                       "## Plots", "", f"![fit]({png})", "", plots,
                       "## Reading (computed from the numbers above)", "", reading, ""])
     return body, summary
@@ -629,7 +629,7 @@ def _sample_entropies(model_path: Path, problems, data_cfg, n_samples: int, temp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cluster.tasks import render_text
+    from cluster.data.tasks import render_text
     from learner.tokenstats import token_stats
 
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -674,8 +674,8 @@ def entropy_patterns(spec: Spec, out: Path) -> tuple[str, str]:
 
 def _entropy_patterns(spec: Spec, out: Path, p: dict[str, Any]) -> tuple[str, str]:
     from cluster.config import DataConfig
-    from cluster.models import resolve_model
-    from cluster.tasks import load_problems
+    from cluster.data.models import resolve_model
+    from cluster.data.tasks import load_problems
 
     # (model, task) pairs: every model on every task unless `pairs` lists them (the tiny model exists
     # warm-started for arith only until someone builds its countdown variant, a long SFT on this box)

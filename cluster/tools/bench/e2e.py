@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.bench import row
+from cluster.tools.bench import row
 
 PROMPTS, GROUP, NEW_TOKENS = 16, 8, 64
 STEPS = {"tiny": 6, "smollm2": 3}       # forkrl steps per run (the first is warm-up)
@@ -113,7 +113,7 @@ def _trl_child(model: str, steps: int, out: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from cluster.bench.generate import bench_prompts
+    from cluster.tools.bench.generate import bench_prompts
     from reward.verifiers import score_response
 
     torch.manual_seed(0)
@@ -152,7 +152,7 @@ def vs_trl(case: str, model: str) -> Iterator[dict]:
         rows = _train(model, [f"run.steps={STEPS[case]}", "run.max_staleness=0", "rollout.threads=2",
                               "learner.threads=2"], Path(d) / "f")[1:]
         out = Path(d) / "trl.json"
-        subprocess.run([sys.executable, "-m", "cluster.bench.e2e", "trl", model, str(TRL_STEPS[case]), str(out)],
+        subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(TRL_STEPS[case]), str(out)],
                        check=True)
         trl = json.loads(out.read_text())
     ours = sum(r["learner/tokens"] for r in rows) / sum(r["time/step_s"] for r in rows)
@@ -164,7 +164,7 @@ def vs_trl(case: str, model: str) -> Iterator[dict]:
 
 
 def run(case: str | None = None) -> Iterator[dict]:
-    from cluster.bench.generate import bench_model
+    from cluster.tools.bench.generate import bench_model
 
     cases = [case] if case else ["tiny", "smollm2"]
     for c in cases:

@@ -201,7 +201,7 @@ class CollapseTracker:
         return entropy_trend(steps, hs, self.floor)
 
     def stats(self) -> dict[str, float]:
-        """Canonical `collapse/*` StepStats keys (cluster.metrics); a key is absent while undefined."""
+        """Canonical `collapse/*` StepStats keys (cluster.observe.metrics); a key is absent while undefined."""
         out = {"collapse/points": float(self._fit.n)}
         fit = self.fit
         if fit is not None:

@@ -1,6 +1,6 @@
 """Grafana dashboards built in code (grafana-foundation-sdk), exported as JSON to dashboards/.
 
-Three dashboards over the series of cluster/metrics.py: an overview, entropy and covariance (with the
+Three dashboards over the series of cluster/observe/metrics.py: an overview, entropy and covariance (with the
 collapse fit), and throughput and queue. Every query is filtered by the `$run` template variable (values
 from `forkrl_info`) and reads the `$datasource` Prometheus. Export is deterministic (sorted keys, fixed
 panel ids, no timestamps), so tests can require the checked-in JSON to equal a fresh export.

@@ -42,7 +42,7 @@ from collections.abc import Iterator
 
 import torch
 
-from cluster.bench import row
+from cluster.tools.bench import row
 
 N_TOKENS, VOCAB = 8192, 49152
 RESPONSE_LEN = 128
@@ -158,7 +158,7 @@ def _measure_peak(kind: str) -> float:
 
 
 def _peak_in_subprocess(kind: str, **env: str) -> float:
-    proc = subprocess.run([sys.executable, "-m", "cluster.bench.loss", "--peak", kind], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "cluster.tools.bench.loss", "--peak", kind], capture_output=True,
                           text=True, timeout=900, env={**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory measurement {kind!r} failed:\n{proc.stderr[-4000:]}")
@@ -169,4 +169,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--peak" and sys.argv[2] in ("naive", "chunked"):
         print(json.dumps({"kind": sys.argv[2], "extra_peak_mib": _measure_peak(sys.argv[2])}))
     else:
-        sys.exit("usage: python -m cluster.bench.loss --peak naive|chunked")
+        sys.exit("usage: python -m cluster.tools.bench.loss --peak naive|chunked")

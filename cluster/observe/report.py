@@ -72,7 +72,7 @@ def _collapse_plot(path: Path, rows: list[dict]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cluster.collapse import fit_collapse
+    from cluster.observe.collapse import fit_collapse
 
     pairs = [(r["entropy/mean"], r["eval/accuracy_avg"]) for r in rows
              if "entropy/mean" in r and "eval/accuracy_avg" in r and math.isfinite(r["entropy/mean"])]

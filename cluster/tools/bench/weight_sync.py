@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import torch
 
 from actors.generator import Generator
-from cluster.bench import row
-from cluster.bench.generate import bench_model, ensure_ray
+from cluster.tools.bench import row
+from cluster.tools.bench.generate import bench_model, ensure_ray
 
 REPEATS = 7
 TARGETS = {"smollm2": ">= 0.8", "tiny": "report"}
@@ -58,7 +58,7 @@ class SyncBenchGenerator(Generator):
         return self.engine.llm.collective_rpc(in_worker, args=(self._items,))[0]
 
     def raw_join(self, port: int, sizes: list[int], timeout_s: float) -> None:
-        from cluster.weightsync import BroadcastGroup
+        from cluster.transport.weightsync import BroadcastGroup
 
         self._raw = BroadcastGroup(HOST, port, 1, 2, timeout_s, "gloo")
         self._raw_bufs = [torch.zeros(n, dtype=torch.uint8) for n in sizes]   # preallocated, pre-touched
@@ -78,7 +78,7 @@ class _RawSender:
     def __init__(self, gen, sizes: list[int], timeout_s: float):
         import ray
 
-        from cluster.weightsync import BroadcastGroup, free_port
+        from cluster.transport.weightsync import BroadcastGroup, free_port
 
         port = free_port(HOST)
         joined = gen.raw_join.remote(port, sizes, timeout_s)
@@ -106,7 +106,7 @@ def run(case: str | None = None) -> Iterator[dict]:
     from actors.generator import engine_env
     from cluster.config import LearnerConfig, RolloutConfig, SyncConfig
     from cluster.runtime import runtime_env_vars
-    from cluster.weightsync import TensorSpec, WeightSender, free_port, plan_buckets
+    from cluster.transport.weightsync import TensorSpec, WeightSender, free_port, plan_buckets
 
     cases = [case] if case else ["tiny", "smollm2"]
     for c in cases:

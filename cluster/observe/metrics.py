@@ -4,7 +4,7 @@ The driver hands `MetricsExporter.record(step, stats)` one plain `dict[str, floa
 the canonical names in `STEP_STATS` below (the one place they are defined; docs/metrics.md explains each).
 Per-step values become gauges, per-step counts are added to counters, distributions are histogram
 observations; every series carries a `run` label so one Prometheus and one dashboard serve many runs.
-The exporter owns a `CollapseTracker` (cluster/collapse.py) fed from the same stats, and exports its fit.
+The exporter owns a `CollapseTracker` (cluster/observe/collapse.py) fed from the same stats, and exports its fit.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from cluster.collapse import CollapseTracker
+from cluster.observe.collapse import CollapseTracker
 from cluster.config import MetricsConfig
 
 Kind = Literal["gauge", "counter", "histogram"]

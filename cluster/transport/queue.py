@@ -1,7 +1,7 @@
 """The trajectory bus: ScoredGroups from graders to learner ranks over one Redis stream per run.
 
 Keys of run R (R matches [A-Za-z0-9_.-]{1,128}, so `forkrl:R:*` is a safe ACL pattern):
-  forkrl:R:groups    the stream; one field `g` per entry holding `cluster.codec` bytes
+  forkrl:R:groups    the stream; one field `g` per entry holding `cluster.transport.codec` bytes
   forkrl:R:produced  set of group ids ever admitted to the stream (producer-side dedup)
   forkrl:R:trained   set of group ids whose optimizer step succeeded (recorded atomically with XACK)
   forkrl:R:marker    random token written once by `setup_run`; its absence means the server lost the run
@@ -57,7 +57,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from cluster import codec
+from cluster.transport import codec
 from cluster.config import QueueConfig
 from cluster.types import ScoredGroup, StepStats
 
@@ -242,7 +242,7 @@ def open_queue(cfg: QueueConfig, run_id: str, data_dir: str | None = None):
     is started (AOF in `data_dir` when `queue.aof`); the caller stops it at the end of the run."""
     server = None
     if cfg.url is None:
-        from cluster.valkey import start_valkey
+        from cluster.transport.valkey import start_valkey
 
         server = start_valkey(aof=cfg.aof, data_dir=data_dir)
         addr = QueueAddress(server.url, run_id, server.password)

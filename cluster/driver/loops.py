@@ -2,7 +2,7 @@
 
 The two loops below are the algorithm; everything else (placement, queue, metrics, checkpoints, report, and
 recovery from dead generators, failed weight syncs and queue-server restarts) is a call into `System`
-(cluster/system.py; docs/reliability.md lists the faults and what each does).
+(cluster/driver/system.py; docs/reliability.md lists the faults and what each does).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def train(cfg: Config, resume: str | None = None) -> int:
     """`forkrl train`: returns the process exit code."""
     from ray.exceptions import RayActorError
 
-    from cluster.system import System
+    from cluster.driver.system import System
 
     with System.start(cfg, resume=resume) as s:   # on --resume, s.cfg is the run's own config
         loop = sync_loop if s.cfg.run.max_staleness == 0 else async_loop

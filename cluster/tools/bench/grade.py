@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cluster.bench import row
+from cluster.tools.bench import row
 
 # name -> (kind of responses, worker processes in the one actor, target). math-verify costs milliseconds per
 # response, so isolation should cost at most half. The numeric verifier costs tens of microseconds
@@ -53,7 +53,7 @@ def _reasoning(rng: np.random.Generator, n_words: int) -> str:
 
 
 def make_rollouts(kind: str, seed: int):
-    from cluster.tasks import synthetic_problems
+    from cluster.data.tasks import synthetic_problems
     from cluster.types import Response, Rollout
 
     rng = np.random.default_rng(seed)

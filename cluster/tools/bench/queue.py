@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from cluster.bench import row
+from cluster.tools.bench import row
 
 CASES = {"8x1024": (8, 1024), "16x4096": (16, 4096)}   # responses x tokens per response
 BATCH = 16              # groups per learner step (rollout.prompts_per_step)
@@ -41,7 +41,7 @@ def realistic_group(i: int, g: int, length: int, rng: np.random.Generator):
 
 
 def _ours(addr, groups, cfg) -> float:
-    from cluster.queue import Consumer, Producer
+    from cluster.transport.queue import Consumer, Producer
 
     with Producer(addr, cfg) as p, Consumer(addr, "bench-rank-0", cfg) as c:
         t0 = time.perf_counter()
@@ -67,10 +67,10 @@ def _raw(conn, stream: str, payloads: list[bytes]) -> float:
 
 
 def run(case: str | None = None) -> Iterator[dict]:
-    from cluster import codec
+    from cluster.transport import codec
     from cluster.config import QueueConfig
-    from cluster.queue import QueueAddress, delete_run, setup_run
-    from cluster.valkey import start_valkey
+    from cluster.transport.queue import QueueAddress, delete_run, setup_run
+    from cluster.transport.valkey import start_valkey
 
     if case is not None and case not in CASES:
         raise KeyError(f"unknown queue case {case!r}; choose from {', '.join(CASES)}")

@@ -83,7 +83,7 @@ def tiny_tokenizer():
 
 def _sft_examples(tokenizer, task: str, n: int, seed: int):
     from cluster.config import DataConfig
-    from cluster.tasks import synthetic_problems, render_text
+    from cluster.data.tasks import synthetic_problems, render_text
 
     cfg = DataConfig(task=task)
     out = []
@@ -146,7 +146,7 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
                      max_new_tokens: int = 64, split: str = "eval") -> float:
     """Accuracy of one temperature-T sample per problem of `split` (transformers generate, exact answer)."""
     from cluster.config import DataConfig
-    from cluster.tasks import render_text, synthetic_problems
+    from cluster.data.tasks import render_text, synthetic_problems
 
     cfg = DataConfig(task=task)
     probs = synthetic_problems(task, n, split, seed, difficulty=cfg.difficulty)

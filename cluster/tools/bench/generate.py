@@ -17,14 +17,14 @@ from collections.abc import Iterator
 
 import torch
 
-from cluster.bench import row
+from cluster.tools.bench import row
 
 PROMPTS, SAMPLES, NEW_TOKENS = 16, 8, 64
 TARGETS = {"smollm2": ">= 2.5", "tiny": "report"}
 
 
 def bench_model(case: str) -> str:
-    from cluster.models import resolve_model
+    from cluster.data.models import resolve_model
 
     return str(resolve_model({"tiny": "builtin:tiny", "smollm2": "builtin:smollm2"}[case]))
 
@@ -33,7 +33,7 @@ def bench_prompts(model_dir: str, n: int = PROMPTS):
     from transformers import AutoTokenizer
 
     from cluster.config import DataConfig
-    from cluster.tasks import render_prompts, synthetic_problems
+    from cluster.data.tasks import render_prompts, synthetic_problems
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     return render_prompts(synthetic_problems("arith", n, "eval", seed=0), tok, DataConfig(), "eval")

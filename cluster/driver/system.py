@@ -107,9 +107,9 @@ class QueueSink:
         self.address, self.queue_cfg = address, queue_cfg
 
     def __call__(self):
-        from cluster.codec import CodecError
+        from cluster.transport.codec import CodecError
         from cluster.config import QueueConfig
-        from cluster.queue import Producer, QueueAddress
+        from cluster.transport.queue import Producer, QueueAddress
 
         producer = Producer(QueueAddress(**self.address), QueueConfig.model_validate(self.queue_cfg))
 
@@ -210,14 +210,14 @@ class System:
         self.local = True
 
     def _start_queue(self) -> None:
-        from cluster.queue import open_queue
+        from cluster.transport.queue import open_queue
 
         data_dir = str(self.run_dir / "queue") if self.cfg.queue.aof else None
         self.address, self.server = open_queue(self.cfg.queue, self.run_id, data_dir=data_dir)
         log.info("queue %s", self.address.display)
 
     def _start_metrics(self) -> None:
-        from cluster.metrics import MetricsExporter
+        from cluster.observe.metrics import MetricsExporter
 
         self.exporter = MetricsExporter(self.cfg.metrics, run=self.run_id,
                                         info={"model": self.cfg.model.path, "task": self.cfg.data.task})
@@ -227,8 +227,8 @@ class System:
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
 
-        from cluster.models import resolve_model
-        from cluster.tasks import load_problems, render_prompts
+        from cluster.data.models import resolve_model
+        from cluster.data.tasks import load_problems, render_prompts
 
         cfg = self.cfg
         self.model_path = str(resolve_model(cfg.model.path, cfg.data.task))
@@ -407,7 +407,7 @@ class System:
 
     def grade_and_push(self, rollouts: list[Rollout]) -> int:
         """Score the groups and push the kept ones onto the stream; returns how many were kept."""
-        from cluster.queue import QueueError
+        from cluster.transport.queue import QueueError
 
         self._pushed = rollouts
         try:
@@ -422,7 +422,7 @@ class System:
 
     def train(self, n_groups: int) -> None:
         """Every rank reads its share of the n_groups fresh groups from the queue and trains on them."""
-        from cluster.queue import QueueError
+        from cluster.transport.queue import QueueError
 
         n_groups, self._leftover = n_groups + self._leftover, 0
         if n_groups == 0:
@@ -447,7 +447,7 @@ class System:
         import ray
         from ray.exceptions import RayError
 
-        from cluster.weightsync import SyncError
+        from cluster.transport.weightsync import SyncError
 
         if self.synced == self.version:
             return  # nothing new to publish
@@ -517,7 +517,7 @@ class System:
         """The queue server failed: restart it if it is ours and died (with queue.aof the stream comes back);
         if the run's data is gone, set the run up again and reconnect every client. Returns whether it was
         gone (the caller pushes the step's rollouts again)."""
-        from cluster.queue import Producer, ServerLost, setup_run
+        from cluster.transport.queue import Producer, ServerLost, setup_run
 
         if self.server is not None and not self.server.running:
             self.server.start()   # same port and directory
@@ -588,7 +588,7 @@ class System:
             self.save_checkpoint(step + 1)
 
     def _write(self, step: int, st: dict[str, float]) -> None:
-        from cluster.metrics import STEP_STATS, STALENESS_PREFIX
+        from cluster.observe.metrics import STEP_STATS, STALENESS_PREFIX
 
         st = {k: float(v) for k, v in st.items() if isinstance(v, (int, float))}
         st["step"] = float(step)
@@ -649,7 +649,7 @@ class System:
         self.data.load_state_dict(state["data"])
         self.version, self.start_step = int(state["version"]), int(state["step"])
         self.step = self.start_step
-        from cluster.queue import Producer
+        from cluster.transport.queue import Producer
         with Producer(self.address, self.cfg.queue) as p:
             self._leftover = int(p.depth()["queue/depth"])  # delivered or not, never acked (acked = deleted)
         self.sync_weights()  # the generators start from the checkpoint's weights
@@ -658,7 +658,7 @@ class System:
                  "the first step", ck, self.start_step, self.version, self._leftover)
 
     def finish(self) -> None:
-        from cluster.report import write_report
+        from cluster.observe.report import write_report
 
         if self.cfg.run.steps > self.start_step:
             self.save_checkpoint(self.cfg.run.steps)

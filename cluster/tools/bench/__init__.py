@@ -8,12 +8,12 @@ import importlib
 from collections.abc import Iterator
 
 BENCHES = {
-    "loss": "cluster.bench.loss",
-    "grade": "cluster.bench.grade",
-    "queue": "cluster.bench.queue",
-    "generate": "cluster.bench.generate",
-    "weight-sync": "cluster.bench.weight_sync",
-    "e2e": "cluster.bench.e2e",
+    "loss": "cluster.tools.bench.loss",
+    "grade": "cluster.tools.bench.grade",
+    "queue": "cluster.tools.bench.queue",
+    "generate": "cluster.tools.bench.generate",
+    "weight-sync": "cluster.tools.bench.weight_sync",
+    "e2e": "cluster.tools.bench.e2e",
 }
 
 

@@ -1,0 +1,1 @@
+"""Data: training and evaluation problems (tasks) and the models that need no hub (models)."""

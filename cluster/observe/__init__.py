@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, the entropy-collapse tracker, Grafana dashboards and the run report."""
