@@ -1,4 +1,4 @@
-"""Grader actors: a pool of Ray actors that turn Rollouts into ScoredGroups (ARCHITECTURE.md).
+"""Grader actors: a pool of Ray actors that turn Rollouts into ScoredGroups (docs/architecture.md).
 
 Each actor runs the pure group stage (reward.group.score_groups) and verifies every response in its own
 isolated worker processes (reward.worker.WorkerPool, `reward.workers_per_grader` of them) with the hard

@@ -1,6 +1,6 @@
 """Process-level environment: caches in one directory we control, offline hub, quiet telemetry.
 
-PLATFORM.md: point every cache somewhere known (vLLM, DeepSpeed's JIT ops, HF) or they land in the home
+docs/platform.md "Point every cache at a known directory": point every cache somewhere known (vLLM, DeepSpeed's JIT ops, HF) or they land in the home
 directory and /tmp; nothing may be fetched from a model hub at run time.
 """
 

@@ -1,4 +1,4 @@
-"""The small typed objects that cross component boundaries (ARCHITECTURE.md).
+"""The small typed objects that cross component boundaries (docs/architecture.md).
 
 Arrays are numpy with fixed dtypes (int32 token ids, float32 logprobs/rewards) so that the queue codec can
 write them as raw little-endian bytes; everything else is a plain msgpack-able value.

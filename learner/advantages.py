@@ -1,4 +1,4 @@
-"""Outcome-reward advantages per prompt group (ALGORITHMS.md 5).
+"""Outcome-reward advantages per prompt group (docs/algorithms.md 5).
 
 All estimators take the rewards of one group, shape [G], and return one advantage per response, [G];
 `broadcast_to_tokens` spreads them over each response's tokens.

@@ -1,4 +1,4 @@
-"""Skywork-OR1 adaptive entropy control (He et al. 2505.22312 §3.2.5; ALGORITHMS.md 3.2).
+"""Skywork-OR1 adaptive entropy control (He et al. 2505.22312 §3.2.5; docs/algorithms.md 3.2).
 
 After each RL step k, with e_k the step's entropy estimate:
     c_{k+1} = clip(c_k + Delta if e_k < H_tgt else c_k - Delta, c_min, c_max)

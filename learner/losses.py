@@ -1,4 +1,4 @@
-"""Policy losses for one packed micro-batch (ALGORITHMS.md 1.3, 2.4-2.6, 3.1, 5).
+"""Policy losses for one packed micro-batch (docs/algorithms.md 1.3, 2.4-2.6, 3.1, 5).
 
 Tensors are packed and padding-free: a micro-batch's response tokens are flat [N] vectors, `seq_ids [N]`
 (int64 in [0, S)) says which response each token belongs to, and logits are [N, V] for exactly those

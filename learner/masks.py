@@ -1,4 +1,4 @@
-"""Forking-token masks: which response tokens the policy gradient trains on (ALGORITHMS.md 1.2-1.3).
+"""Forking-token masks: which response tokens the policy gradient trains on (docs/algorithms.md 1.2-1.3).
 
 Wang et al. 2506.01939 ("Beyond the 80/20 Rule") train only on the top-rho share of tokens by entropy,
 k = ceil(rho * N) of the N valid response tokens (verl `get_global_entropy_top_mask`: max(1, ceil)).

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 FORKING_ENTROPY = 0.672
-"""80th percentile of Qwen3-8B token entropy: only ~20% of tokens exceed it (ALGORITHMS.md 1.7)."""
+"""80th percentile of Qwen3-8B token entropy: only ~20% of tokens exceed it (docs/algorithms.md 1.7)."""
 COV_TOP_SHARE = 2e-4
 """Share of highest-covariance tokens whose mean Cui et al. Table 1 reports (top 0.02%: 5.654)."""
 PERCENTILES = (50, 80, 95, 99)

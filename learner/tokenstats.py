@@ -1,9 +1,9 @@
 """Log-prob of the sampled token and full-vocabulary entropy from logits, chunked over tokens.
 
-ALGORITHMS.md 1.1: with z = logits / T (T = the rollout temperature),
+docs/algorithms.md 1.1: with z = logits / T (T = the rollout temperature),
     logp_t = z_t[y_t] - logsumexp(z_t)        H_t = -sum_j p_tj log p_tj,  p_t = softmax(z_t).
 
-`token_stats` is a custom autograd function (PLATFORM.md "Losses over a large vocabulary on CPU"): the
+`token_stats` is a custom autograd function (docs/platform.md "Losses over a large vocabulary on CPU"): the
 forward walks the [N, V] logits `chunk` rows at a time and keeps only [N] vectors (logp, the
 log-normaliser, the entropy); the backward recomputes the softmax of each chunk from the saved logits and
 the log-normaliser and writes the logits gradient straight into its output buffer. No second [N, V]

@@ -1,4 +1,4 @@
-"""The group stage: verify, vote, shape, advantages per prompt group, dynamic sampling (ARCHITECTURE.md).
+"""The group stage: verify, vote, shape, advantages per prompt group, dynamic sampling (docs/architecture.md).
 
 `score_groups` is pure given its `verify_fn` (a batch of JSON jobs -> results, reward.verifiers.run_job
 semantics): the grader actor passes its isolated worker pool, tests and the benchmark baseline pass

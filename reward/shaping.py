@@ -1,4 +1,4 @@
-"""Reward shaping terms, one group at a time (ALGORITHMS.md 4 and 5). Pure numpy, float64, shapes [G]."""
+"""Reward shaping terms, one group at a time (docs/algorithms.md 4 and 5). Pure numpy, float64, shapes [G]."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Verifiers: extract the final answer of a response and decide whether it is right (ALGORITHMS.md 6).
+"""Verifiers: extract the final answer of a response and decide whether it is right (docs/algorithms.md 6).
 
 Everything here is pure and has no timeout of its own: sympy can hang or exhaust memory on adversarial
 output (10^{10^{10}}, (10^6)!), so the grader runs these functions in isolated worker processes

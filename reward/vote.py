@@ -1,4 +1,4 @@
-"""Majority vote for label-free rewards (TTRL, Zuo et al. 2504.16084; ALGORITHMS.md 4.1).
+"""Majority vote for label-free rewards (TTRL, Zuo et al. 2504.16084; docs/algorithms.md 4.1).
 
 Answers are clustered by equivalence, not string equality: '0.5', '1/2' and '\\frac{1}{2}' are one vote.
 Unextractable answers (None) do not vote. The pseudo-label is the largest cluster; ties go to the cluster

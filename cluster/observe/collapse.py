@@ -1,4 +1,4 @@
-"""Entropy-collapse tracker: pure math, no I/O (Cui et al. 2505.22617; ALGORITHMS.md 2.2).
+"""Entropy-collapse tracker: pure math, no I/O (Cui et al. 2505.22617; docs/algorithms.md 2.2).
 
 Two estimates, both updated online, once per RL step:
 

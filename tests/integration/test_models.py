@@ -15,7 +15,7 @@ from cluster.runtime import cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# vLLM runs in a child process with the in-process engine (PLATFORM.md): it pins threads and seeds the RNG
+# vLLM runs in a child process with the in-process engine (docs/platform.md "The in-process engine pins threads and seeds the RNG"): it pins threads and seeds the RNG
 VLLM_GREEDY = r"""
 import json, sys
 from vllm import LLM, SamplingParams

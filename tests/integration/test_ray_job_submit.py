@@ -1,7 +1,7 @@
 """`ray job submit --working-dir . -- forkrl train configs/demo.yaml` against a local `ray start --head`.
 
 The way users start runs on GPU clusters (README, docs/gpu-cluster.md), here on one CPU node: the working
-directory is zipped and uploaded (PLATFORM.md's trap: .gitignore and .rayignore keep .venv, caches and runs
+directory is zipped and uploaded (docs/platform.md "Ray job submit uploads the working directory": .gitignore and .rayignore keep .venv, caches and runs
 out of the zip), the job's driver joins the running cluster through RAY_ADDRESS and places its actors there.
 """
 

@@ -102,7 +102,7 @@ def test_upload_payload_overwrites_by_uid_into_the_folder():
 
 
 def test_push_to_an_unreachable_grafana_is_a_clear_error():
-    # No Grafana server is packaged here (PLATFORM.md): the upload itself is not exercised; the error path is.
+    # No Grafana server is packaged here (docs/platform.md "Services the tests run: Valkey, Redis, Prometheus, Helm"): the upload itself is not exercised; the error path is.
     with pytest.raises(RuntimeError, match=r"cannot push dashboards to Grafana at http://127.0.0.1:9") as err:
         push("http://127.0.0.1:9", "token-not-echoed")
     assert "token-not-echoed" not in str(err.value)

@@ -1,4 +1,4 @@
-"""learner.advantages against float64 references written from the definitions (ALGORITHMS.md 5)."""
+"""learner.advantages against float64 references written from the definitions (docs/algorithms.md 5)."""
 
 import math
 import statistics

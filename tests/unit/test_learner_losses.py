@@ -1,4 +1,4 @@
-"""learner.losses against a slow float64 reference written token by token (ALGORITHMS.md 1.3, 2.5, 2.6, 5)."""
+"""learner.losses against a slow float64 reference written token by token (docs/algorithms.md 1.3, 2.5, 2.6, 5)."""
 
 import math
 
@@ -31,7 +31,7 @@ def make_batch(seed: int, lengths: list[int], spread: float = 0.4):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The reference: float64, one token at a time, the formulas of ALGORITHMS.md as written.
+# The reference: float64, one token at a time, the formulas of docs/algorithms.md as written.
 
 def ref_selection(entropy: list[float], valid: list[bool], rho: float, variant: str) -> list[bool]:
     idx = [i for i in range(len(entropy)) if valid[i]]

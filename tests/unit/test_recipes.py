@@ -1,6 +1,6 @@
 """The papers' GPU recipes in configs/: `forkrl check` accepts each, and each resolves to the papers' numbers.
 
-The expected values below are copied from shared/docs/ALGORITHMS.md (sections 1.4, 2.5-2.7, 4.1), not
+The expected values below are copied from docs/algorithms.md (sections 1.4, 2.5-2.7, 4.1), not
 from the recipe files, so editing a recipe away from its paper fails here.
 """
 
@@ -17,7 +17,7 @@ from cluster.cli import app
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
-# ALGORITHMS.md 1.4: the DAPO recipe of "Beyond the 80/20 Rule", identical for 8B/14B/32B.
+# docs/algorithms.md 1.4: the DAPO recipe of "Beyond the 80/20 Rule", identical for 8B/14B/32B.
 DAPO_8020 = {
     "rollout.backend": "vllm", "rollout.prompts_per_step": 512, "rollout.group_size": 16,
     "rollout.temperature": 1.0, "rollout.top_p": 1.0, "rollout.max_new_tokens": 20480,
@@ -34,7 +34,7 @@ DAPO_8020 = {
     "learner.warmup_steps": 160,
     "run.max_staleness": 0,
 }
-# ALGORITHMS.md 2.7: shared by the Clip-Cov and KL-Cov scripts of "The Entropy Mechanism".
+# docs/algorithms.md 2.7: shared by the Clip-Cov and KL-Cov scripts of "The Entropy Mechanism".
 ENTROPY_MECH = {
     "rollout.backend": "vllm", "rollout.prompts_per_step": 256, "rollout.group_size": 8,
     "rollout.temperature": 1.0, "rollout.max_new_tokens": 8192, "rollout.eval_temperature": 0.6,
@@ -57,7 +57,7 @@ EXPECTED = {
     "qwen2.5-32b-clip-cov.yaml": {**ENTROPY_MECH, **CLIP_COV, "learner.lr": 1e-6},
     "qwen2.5-7b-kl-cov.yaml": {**ENTROPY_MECH, **KL_COV, "algorithm.kl_cov_ratio": 2e-3, "learner.lr": 5e-7},
     "qwen2.5-32b-kl-cov.yaml": {**ENTROPY_MECH, **KL_COV, "algorithm.kl_cov_ratio": 2e-4, "learner.lr": 1e-6},
-    # ALGORITHMS.md 4.1: examples/ttrl/aime.sh.
+    # docs/algorithms.md 4.1: examples/ttrl/aime.sh.
     "ttrl-qwen2.5-math-7b-aime24.yaml": {
         "reward.ttrl": True, "reward.ttrl_vote": 64, "reward.ttrl_train": 32, "rollout.group_size": 64,
         "rollout.prompts_per_step": 8, "rollout.temperature": 1.0, "rollout.max_new_tokens": 3072,
@@ -111,7 +111,7 @@ def test_recipe_resolves_to_the_paper(name):
 
 @pytest.mark.parametrize("size", ["8b", "14b", "32b"])
 def test_8020_pairs_differ_only_in_top_entropy_ratio(size):
-    """ALGORITHMS.md 1.4: the full-token and top-20% scripts differ ONLY in entropy_top_ratio."""
+    """docs/algorithms.md 1.4: the full-token and top-20% scripts differ ONLY in entropy_top_ratio."""
     full, top = check(f"qwen3-{size}-dapo.yaml"), check(f"qwen3-{size}-dapo-top20.yaml")
     diff = {(s, k) for s in full for k in full[s] if full[s][k] != top[s][k]}
     assert diff == {("run", "name"), ("algorithm", "top_entropy_ratio")}

@@ -1,4 +1,4 @@
-"""Shaping terms against slow float64 references written from ALGORITHMS.md."""
+"""Shaping terms against slow float64 references written from docs/algorithms.md."""
 
 import math
 

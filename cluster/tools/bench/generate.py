@@ -2,7 +2,7 @@
 
 Both run as generator actors (actors/generator.py) on the same model, dtype, prompts and sampling
 (16 arith prompts x 8 samples x up to 64 new tokens, T=1, float32): vLLM warmed with one full batch first
-(PLATFORM.md: the first large generate is ~5x slower), transformers at its best thread setting. Tokens/s counts
+(docs/platform.md "Warm up before timing generation": the first large generate is ~5x slower), transformers at its best thread setting. Tokens/s counts
 generated tokens (EOS included), timed around the actor call. Achieved GFLOP/s counts 2 FLOPs per weight of
 every matrix multiply (lm_head included) per generated token and per distinct prompt token; the ceiling is a
 float32 matrix multiply of the decode shape [prompts x samples, hidden] x [hidden, intermediate] on the

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[3]
 SPEC_DIR = ROOT / "configs" / "experiments"
 RESULTS_DIR = ROOT / "docs" / "results"
 ANALYSES = ("compare", "collapse", "ttrl")
-# 80/20 paper (ALGORITHMS.md 1.7): Qwen3-8B chains of thought on AIME.
+# 80/20 paper (docs/algorithms.md 1.7): Qwen3-8B chains of thought on AIME.
 PAPER_LOW_SHARE, PAPER_P80 = 0.5064, 0.672
 FORKING_WORDS = ("wait", "however", "thus", "suppose", "assume", "since", "given", "maybe", "perhaps")
 
