@@ -76,8 +76,25 @@ def import_smollm2(out_dir: str = typer.Argument(..., help="output HF checkpoint
 def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact"),
           answer: Optional[str] = typer.Option(None, help="gold answer (countdown: 'target=N numbers=a,b,c')"),
           vote: bool = typer.Option(False, help="majority vote over all stdin responses (TTRL)"),
-          timeout: float = typer.Option(5.0, help="seconds per verification")):
-    """Grade responses read from stdin (one JSON string per line); print one JSON object per line."""
+          timeout: float = typer.Option(5.0, help="seconds per verification (> 0 and finite, as reward.timeout_s)")):
+    """Grade responses read from stdin (one JSON string per line); print one JSON object per line.
+
+    Fields: line     the input line number
+            reward   1.0 or 0.0
+            answer   the extracted final answer (null: none)
+            correct  against --answer (null without one)
+            seconds  time in the isolated worker
+            reason   why it is not correct, when not simply a different answer
+            error    timeout, crash, or a line that is not a JSON string
+    --vote:  cluster, label (the majority answer's key, null on a tie) and
+             votes; the reward is then agreement with the label.
+
+    Exit codes: 0 every line graded; 1 some lines were not JSON strings
+    (the others are still graded); 2 a bad option (one line on stderr).
+
+    Stdin is decoded as UTF-8, invalid bytes replaced. A final answer over
+    1000 characters is no answer. The rules: docs/rewards.md.
+    """
     from reward.cli import grade_stream
 
     raise typer.Exit(grade_stream(sys.stdin, sys.stdout, task=task, answer=answer, vote=vote, timeout=timeout))

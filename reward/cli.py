@@ -1,19 +1,20 @@
 """`forkrl grade`: grade responses read from stdin, one JSON string per line, with the training verifiers.
 
 A debugging tool: every response is verified in an isolated worker with the same hard timeout as in
-training. Prints one JSON object per input line: {"line", "reward", "answer" (extracted), "correct",
-"seconds"} plus "error" when the verification timed out or crashed; with --vote also "cluster", "label"
-(the majority answer) and "votes" (its size), the reward then being agreement with the label (TTRL).
-A line that is not a JSON string gets {"line", "error"} and the exit code is 1; bad options exit with 2.
+training. The output fields, exit codes and limits are documented in `forkrl grade --help` (cluster/cli.py)
+and docs/rewards.md. Stdin is read as bytes and decoded here (invalid UTF-8 replaced, whatever the locale),
+so that one bad line never stops the others.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
-from reward.verifiers import VERIFIERS, BadInput, countdown_task, gold_answer, parse_countdown_answer
+from reward.verifiers import (VERIFIERS, BadInput, countdown_task, gold_answer, parse_countdown_answer,
+                              same_batch_via)
 from reward.vote import cluster_answers, majority
 from reward.worker import WorkerPool
 
@@ -23,9 +24,17 @@ def _emit(out: IO[str], obj: dict[str, Any]) -> None:
     out.flush()
 
 
-def _read(stdin: IO[str], out: IO[str]):
-    """Yield (line number, text) for each valid line; report the others."""
-    for n, line in enumerate(stdin, 1):
+def _decoded(stdin: IO) -> Iterator[str]:
+    """Lines of stdin as text: bytes (sys.stdin.buffer, a binary stream) are decoded as UTF-8 with invalid
+    sequences replaced, so neither the locale nor a broken line decides what the others get."""
+    for line in getattr(stdin, "buffer", stdin):
+        yield line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+
+
+def _read(stdin: IO, out: IO[str]) -> Iterator[tuple[int, str | None]]:
+    """Yield (line number, text) for each non-empty line, text None for a line that is not a JSON string
+    (reported on stdout and stderr)."""
+    for n, line in enumerate(_decoded(stdin), 1):
         if not line.strip():
             continue
         try:
@@ -41,9 +50,11 @@ def _read(stdin: IO[str], out: IO[str]):
         yield n, text
 
 
-def grade_stream(stdin: IO[str], stdout: IO[str], task: str, answer: str | None, vote: bool,
-                 timeout: float) -> int:
-    """Grade every stdin line; return the exit code (0 ok, 1 some lines were not JSON strings, 2 bad options)."""
+def grade_stream(stdin: IO, stdout: IO[str], task: str, answer: str | None, vote: bool, timeout: float) -> int:
+    """Grade every stdin line (text or bytes); return the exit code (0 ok, 1 some lines were not JSON
+    strings, 2 bad options)."""
+    from pydantic import ValidationError
+
     from cluster.config import RewardConfig
 
     def fail(msg: str) -> int:
@@ -52,8 +63,10 @@ def grade_stream(stdin: IO[str], stdout: IO[str], task: str, answer: str | None,
 
     if task not in VERIFIERS:
         return fail(f"--task must be one of {', '.join(VERIFIERS)}, got {task!r}")
-    if not timeout > 0:
-        return fail(f"--timeout must be > 0 seconds, got {timeout}")
+    try:  # the same rule as the config field reward.timeout_s
+        cfg = RewardConfig(timeout_s=timeout)
+    except ValidationError as e:
+        return fail(f"--timeout {timeout}: {e.errors()[0]['msg']} (seconds, as reward.timeout_s)")
     gold, meta = answer, {}
     try:
         if task == "countdown":
@@ -68,22 +81,24 @@ def grade_stream(stdin: IO[str], stdout: IO[str], task: str, answer: str | None,
         return fail(f"--answer: {e}")
 
     bad = 0
-    memory_mb = RewardConfig().worker_memory_mb
-    with WorkerPool(1, timeout_s=timeout, memory_mb=memory_mb) as pool:
+    with WorkerPool(1, timeout_s=cfg.timeout_s, memory_mb=cfg.worker_memory_mb) as pool:
         def score(text: str) -> dict[str, Any]:
             res = pool.run([{"op": "score", "verifier": task, "text": text, "gold": gold, "meta": meta}])[0]
             res["seconds"] = round(res.get("seconds", 0.0), 6)  # time in the worker, from send to answer
             return res
 
+        def row(n: int, res: dict[str, Any]) -> dict[str, Any]:
+            out = {"line": n, "reward": 1.0 if res.get("correct") else 0.0, "answer": res.get("answer"),
+                   "correct": res.get("correct"), "seconds": res["seconds"]}
+            out.update({k: res[k] for k in ("reason", "error") if res.get(k) is not None})
+            return out
+
         if not vote:
             for n, text in _read(stdin, stdout):
                 if text is None:
                     bad += 1
-                    continue
-                res = score(text)
-                _emit(stdout, {"line": n, "reward": 1.0 if res.get("correct") else 0.0,
-                               "answer": res.get("answer"), "correct": res.get("correct"),
-                               "seconds": res["seconds"], **({"error": res["error"]} if "error" in res else {})})
+                else:
+                    _emit(stdout, row(n, score(text)))
             return 1 if bad else 0
 
         rows = []
@@ -92,17 +107,12 @@ def grade_stream(stdin: IO[str], stdout: IO[str], task: str, answer: str | None,
                 bad += 1
             else:
                 rows.append((n, score(text)))
-
-        def same_batch(queries):
-            res = pool.run([{"op": "same", "verifier": task, "a": a, "b": b} for _, a, b in queries])
-            return [bool(r.get("equal")) for r in res]
-
-        clusters = cluster_answers([[r.get("key") for _, r in rows]], same_batch if task == "math" else None)[0]
+        keys = [r.get("key") for _, r in rows]
+        clusters = cluster_answers([keys], same_batch_via(pool.run, lambda g: task))[0]
         winner, agree = majority(clusters)
-        label = rows[clusters.index(winner)][1].get("answer") if winner is not None else None
+        label = min(k for k, c in zip(keys, clusters) if c == winner) if winner is not None else None
         votes = int(agree.sum())
         for (n, res), cl, ok in zip(rows, clusters, agree):
-            _emit(stdout, {"line": n, "reward": 1.0 if ok else 0.0, "answer": res.get("answer"),
-                           "correct": res.get("correct"), "seconds": res["seconds"], "cluster": cl,
-                           "label": label, "votes": votes, **({"error": res["error"]} if "error" in res else {})})
+            _emit(stdout, {**row(n, res), "reward": 1.0 if ok else 0.0, "cluster": cl, "label": label,
+                           "votes": votes})
     return 1 if bad else 0

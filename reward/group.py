@@ -31,7 +31,7 @@ from cluster.config import RewardConfig
 from cluster.types import Rollout, ScoredGroup
 from learner.advantages import compute_advantages
 from reward.shaping import flip, overlong_penalty, rent_reward
-from reward.verifiers import resolve_verifier
+from reward.verifiers import resolve_verifier, same_batch_via
 from reward.vote import cluster_answers, majority
 
 log = logging.getLogger(__name__)
@@ -115,15 +115,7 @@ def score_groups(rollouts: Sequence[Rollout], cfg: RewardConfig, adv_estimator: 
     # 2. TTRL: cluster the extracted answers of all groups, batching the equivalence checks
     clusters: list[list[int | None]] = []
     if cfg.ttrl:
-        def same_batch(queries: list[tuple[int, str, str]]) -> list[bool]:
-            todo = [i for i, (g, _, _) in enumerate(queries) if verifiers[g] == "math"]
-            out = [False] * len(queries)
-            res = _checked(verify_fn, [{"op": "same", "verifier": "math", "a": queries[i][1],
-                                        "b": queries[i][2]} for i in todo], c)
-            for i, x in zip(todo, res):
-                out[i] = bool(x.get("equal"))
-            return out
-
+        same_batch = same_batch_via(lambda jobs: _checked(verify_fn, jobs, c), lambda g: verifiers[g])
         clusters = cluster_answers([[s.get("key") for s in sc] for sc in scored], same_batch)
         for k in ("ttrl/groups", "ttrl/label_gold_groups", "ttrl/label_correct", "ttrl/reward_agree",
                   "ttrl/reward_gold_responses", "ttrl/majority_votes", "ttrl/votes"):

@@ -9,7 +9,7 @@ from reward.verifiers import (MAX_ANSWER_CHARS, BadInput, countdown_check, count
                               gold_answer, math_equal, numeric_key, parse_countdown_answer, resolve_verifier,
                               run_job, safe_run_job, score_response)
 
-# The labelled table: (gold, prediction, equivalent?). 70 pairs, 49 equivalent, 21 not.
+# The labelled table: (gold, prediction, equivalent?). 70 pairs, 48 equivalent, 22 not.
 EQUIVALENCE_TABLE = [
     # fractions and decimals
     ("\\frac{1}{2}", "0.5", True), ("\\frac{1}{2}", "1/2", True), ("\\dfrac{3}{4}", "0.75", True),
@@ -22,7 +22,7 @@ EQUIVALENCE_TABLE = [
     ("10", "\\$10", True), ("100", "10^2", True), ("1000000", "10^6", True), ("2^{10}", "1024", True),
     ("2^{10}", "1000", False), ("0", "-0", True), ("10^{-3}", "0.001", True), ("1.5\\times 10^{3}", "1500", True),
     # percentages
-    ("50\\%", "0.5", True), ("50\\%", "50", True), ("25\\%", "\\frac{1}{4}", True), ("25\\%", "0.3", False),
+    ("50\\%", "0.5", True), ("50\\%", "50", False),       # p% is p/100 (docs/rewards.md) ("25\\%", "\\frac{1}{4}", True), ("25\\%", "0.3", False),
     # radicals, pi, expressions
     ("\\sqrt{2}", "2^{1/2}", True), ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}", True),
     ("\\sqrt{8}", "2\\sqrt{2}", True), ("\\sqrt{8}", "3\\sqrt{2}", False), ("2\\pi", "\\pi \\cdot 2", True),
@@ -58,14 +58,15 @@ def test_math_equivalence_table(gold, pred, equivalent):
 
 
 @pytest.mark.parametrize("text,answer", [
-    ("\\boxed{1} then \\boxed{2}", "2"),
+    ("\\boxed{1} then \\boxed{2}", "1, 2"),             # several statements are one answer
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
     ("\\boxed {7}", "7"),
     ("Answer: 5", "5"),
     ("answer : $\\frac{3}{4}$.", "\\frac{3}{4}"),
     ("Answer: \\boxed{9}.", "9"),
-    ("\\boxed{1}\nFinal Answer: 3", "3"),
-    ("Answer: 3\nso \\boxed{4}", "4"),
+    ("\\boxed{1}\nFinal Answer: 3", "1, 3"),
+    ("Answer: 3\nso \\boxed{4}", "3, 4"),
+    ("\\boxed{4}\nAnswer: \\boxed{4}.", "4"),            # the same answer stated twice is one
     ("#### 1,234", "1,234"),
     ("<answer>(8*3)-4</answer>", "(8*3)-4"),
     ("Answer: \\(x+1\\)", "x+1"),
@@ -114,7 +115,7 @@ COUNTDOWN = {"numbers": [3, 4, 6, 8], "target": 24}
     ("Answer: 8*3+4", False),                                     # wrong value
     ("Answer: 2**3*3", False), ("Answer: -8+32", False), ("Answer: 8/(4-4)", False),
     ("Answer: __import__('os').system('true')", False), ("Answer: (lambda: 24)()", False),
-    ("Answer: " + "(" * 300 + "8*3" + ")" * 300, False),          # deeper than Python's parser allows
+    ("Answer: " + "(" * 300 + "8*3" + ")" * 300, True),           # deeper than Python's parser allows: still read
     ("no answer", False),
 ])
 def test_countdown_verifier(text, correct):
@@ -143,7 +144,7 @@ def test_exact_and_resolution():
 
 
 def test_label_free_and_bad_inputs():
-    assert score_response("math", "\\boxed{2}", None, {}) == {"answer": "2", "key": "2", "correct": None}
+    assert score_response("math", "\\boxed{2}", None, {}) == {"answer": "2", "key": "2", "correct": None, "reason": None}
     assert gold_answer("math", "The answer is \\boxed{\\frac12}") == "\\frac12"
     with pytest.raises(BadInput, match="gold answer"):
         gold_answer("numeric", "seven")
@@ -166,4 +167,4 @@ def test_label_free_and_bad_inputs():
        verifier=st.sampled_from(["numeric", "countdown", "exact"]))
 def test_never_raises_on_model_output(text, verifier):
     res = score_response(verifier, text, "24", COUNTDOWN)
-    assert set(res) == {"answer", "key", "correct"} and isinstance(res["correct"], bool)
+    assert set(res) == {"answer", "key", "correct", "reason"} and isinstance(res["correct"], bool)
