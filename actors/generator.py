@@ -2,7 +2,7 @@
 
 The engine is vLLM (the CPU build here, regular vLLM on GPUs). With `VLLM_ENABLE_V1_MULTIPROCESSING=0` it runs
 inside the actor process (starts in seconds instead of ~15 s) and then owns that process's torch threads and
-global RNG, which is why it lives in an actor of its own (PLATFORM.md). `rollout.backend="hf"` selects
+global RNG, which is why it lives in an actor of its own (docs/platform.md "The in-process engine pins threads and seeds the RNG"). `rollout.backend="hf"` selects
 transformers `generate` instead: a comparison baseline that must be chosen explicitly, never a fallback.
 
 Log-probs are the sampler's own for the sampled token. `rollout.logprobs_mode=processed_logprobs` (default)
@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from cluster.config import Config, RolloutConfig
+from cluster.config import RolloutConfig
 from cluster.types import Prompt, Response, Rollout
 
 EXTENSION = "actors.vllm_ext.WeightSyncWorker"
@@ -128,9 +129,8 @@ class _VLLMEngine:
             samples.append(_Sample(list(o.token_ids), list(lp.logprobs), o.finish_reason or "length", text))
         return [samples[i * s.n:(i + 1) * s.n] for i in range(len(outs))]
 
-    def init_sync(self, host, port, rank_offset, world_size, timeout_s, backend) -> list[int]:
-        return self.llm.collective_rpc("forkrl_init_sync",
-                                       args=(host, port, rank_offset, world_size, timeout_s, backend))
+    def init_sync(self, host, port, rank_offset, world_size, sync: dict) -> list[int]:
+        return self.llm.collective_rpc("forkrl_init_sync", args=(host, port, rank_offset, world_size, sync))
 
     def wait_manifest(self) -> dict:
         return self.llm.collective_rpc("forkrl_wait_manifest")[0]
@@ -193,11 +193,12 @@ class _HFEngine:
             groups.append(samples)
         return groups
 
-    def init_sync(self, host, port, rank_offset, world_size, timeout_s, backend) -> list[int]:
+    def init_sync(self, host, port, rank_offset, world_size, sync: dict) -> list[int]:
+        from cluster.config import SyncConfig
         from cluster.transport.weightsync import WeightReceiver
 
         self.close_sync()
-        self._rx = WeightReceiver(host, port, rank_offset, world_size, timeout_s=timeout_s, backend=backend)
+        self._rx = WeightReceiver(host, port, rank_offset, world_size, SyncConfig.model_validate(sync))
         return [rank_offset]
 
     def wait_manifest(self) -> dict:
@@ -224,7 +225,7 @@ class _HFEngine:
 
 
 class Generator:
-    """Body of a generator Ray actor; create it with `generator_actor` or `start_generators`."""
+    """Body of a generator Ray actor; create it with `generator_actor`."""
 
     def __init__(self, generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
                  seed: int = 0, max_model_len: int = 512):
@@ -290,12 +291,13 @@ class Generator:
         """Ranks this generator takes in the sync group (one per vLLM worker)."""
         return self.rollout.tensor_parallel_size if self.rollout.backend == "vllm" else 1
 
-    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
-                         backend: str = "auto") -> list[int]:
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int,
+                         sync: dict[str, Any]) -> list[int]:
         """Join the sync group as ranks rank_offset .. rank_offset + sync_ranks() - 1 (blocks until all
-        ranks, the learner's rank 0 included, have joined or timeout_s passed)."""
+        ranks, the learner's rank 0 included, have joined or sync.timeout_s passed). `sync`: the run's
+        SyncConfig as a dict (it crosses into vLLM's worker processes)."""
         self._sync_ok = False
-        ranks = self.engine.init_sync(host, port, rank_offset, world_size, timeout_s, backend)
+        ranks = self.engine.init_sync(host, port, rank_offset, world_size, sync)
         self._sync_ok = True
         return ranks
 
@@ -332,7 +334,7 @@ class Generator:
 def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
                     seed: int = 0, max_model_len: int = 512, num_cpus: float = 1.0, num_gpus: float = 0.0,
                     **actor_options):
-    """Start one generator Ray actor with the engine environment (PLATFORM.md) merged into forkrl's;
+    """Start one generator Ray actor with the engine environment (docs/platform.md "Environment variables of actors") merged into forkrl's;
     actor_options (e.g. a placement-group scheduling_strategy) go to Ray's `.options`."""
     import ray
 
@@ -343,10 +345,3 @@ def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, 
                                         **actor_options)
     return cls.remote(generator_id, str(model_path), rollout, dtype=dtype, seed=seed, max_model_len=max_model_len)
 
-
-def start_generators(cfg: Config, model_path: str) -> list:
-    """`rollout.num_generators` actors, each with its own seed and id gen0, gen1, ..."""
-    return [generator_actor(f"gen{i}", model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed + i,
-                            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                            num_cpus=cfg.cluster.generator_cpus, num_gpus=cfg.cluster.generator_gpus)
-            for i in range(cfg.rollout.num_generators)]

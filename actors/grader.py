@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from cluster.config import Config, RewardConfig
+from cluster.split import split_even
 from cluster.types import Rollout, ScoredGroup
 
 Sink = Callable[[list[ScoredGroup]], None]
@@ -99,11 +100,10 @@ class GraderPool:
         """Start scoring; returns Ray object refs for `collect`. Contiguous chunks keep the input order; the
         first chunk goes to the next actor in turn so that small calls spread over the pool."""
         n = min(len(self.actors), len(rollouts))
-        bounds = np.linspace(0, len(rollouts), n + 1).astype(int)
         refs = []
-        for j in range(n):
+        for j, chunk in enumerate(split_even(rollouts, n) if n else []):
             actor = self.actors[(self._next + j) % len(self.actors)]
-            refs.append(actor.score.remote(list(rollouts[bounds[j]:bounds[j + 1]]), push, return_groups))
+            refs.append(actor.score.remote(chunk, push, return_groups))
         self._next = (self._next + n) % len(self.actors)
         return refs
 

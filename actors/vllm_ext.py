@@ -6,7 +6,7 @@ parallelism every worker joins the sync group and reloads its own shard. Only pl
 `collective_rpc`; the tensors come through the private group of cluster/transport/weightsync.py.
 
 Weights are reloaded through `reload_weights(weights_iterator=..., is_checkpoint_format=True)`, the path
-that works on CPU (PLATFORM.md: `model.load_weights` leaves the repacked CPU linear layers empty). It gets
+that works on CPU (docs/platform.md "Live weight updates into vLLM-CPU": `model.load_weights` leaves the repacked CPU linear layers empty). It gets
 one generator over the whole sync, fed as buckets arrive, so vLLM's layer-wise processing of early layers
 overlaps the receive of later buckets; calling it per bucket would process layers split across buckets
 partially.
@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import time
 
+from cluster.config import SyncConfig
 from cluster.transport.weightsync import WeightReceiver
 
 
 class WeightSyncWorker:
     """Methods are prefixed `forkrl_` so they cannot collide with vLLM's own worker attributes."""
 
-    def forkrl_init_sync(self, host: str, port: int, rank_offset: int, world_size: int, timeout_s: float,
-                         backend: str) -> int:
-        """Join the sync group as rank `rank_offset + this worker's vLLM rank`; blocks until all joined."""
+    def forkrl_init_sync(self, host: str, port: int, rank_offset: int, world_size: int, sync: dict) -> int:
+        """Join the sync group as rank `rank_offset + this worker's vLLM rank`; blocks until all joined.
+        `sync`: the run's SyncConfig as a dict."""
         self.forkrl_close_sync()
         rank = rank_offset + self.rank
-        self._forkrl_receiver = WeightReceiver(host, port, rank, world_size, timeout_s=timeout_s,
-                                               backend=backend)
+        self._forkrl_receiver = WeightReceiver(host, port, rank, world_size, SyncConfig.model_validate(sync))
         return rank
 
     def _forkrl_rx(self) -> WeightReceiver:

@@ -1,7 +1,7 @@
 """Typed run configuration: one pydantic model per component, loaded from YAML with dotted overrides.
 
 Every field has a default, a unit where it has one, and a docstring citing the paper it comes from
-(see ../shared/docs/ALGORITHMS.md for the formulas). Unknown keys are errors, so a typo never passes
+(see docs/algorithms.md for the formulas). Unknown keys are errors, so a typo never passes
 silently; `load_config` turns pydantic's errors into `ConfigError` naming the dotted field.
 """
 
@@ -37,8 +37,6 @@ class RunConfig(Section):
     max_off_policy_steps)."""
     eval_every: int = Field(20, ge=0)
     """Evaluate on the held-out split every N steps (0 = only at the start and end)."""
-    log_every: int = Field(1, ge=1)
-    """Write metrics.jsonl every N steps."""
 
 
 class ModelConfig(Section):
@@ -73,7 +71,7 @@ class DataConfig(Section):
     """Synthetic difficulty: number of operations (arith) or of source numbers minus 1 (countdown)."""
     answer_format: Literal["boxed", "answer_line"] = "answer_line"
     """What the prompt asks for and the verifier extracts: `\\boxed{x}` (Entropy-Mechanism, Skywork) or a
-    final `Answer: x` line (DAPO verifier, ALGORITHMS.md 6)."""
+    final `Answer: x` line (DAPO verifier, docs/algorithms.md 6)."""
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template (instruct models); False sends raw text."""
     max_prompt_tokens: int = Field(256, ge=8)
@@ -99,7 +97,7 @@ class RolloutConfig(Section):
     """Maximum response length in tokens (L_max of DAPO overlong shaping if reward.overlong_max is unset)."""
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "processed_logprobs"
     """Which sampler logprobs vLLM returns: `processed` are after temperature/top-p, i.e. the sampling
-    distribution the importance ratio needs (PLATFORM.md)."""
+    distribution the importance ratio needs (docs/platform.md "vLLM log-probs: raw or processed")."""
     kv_cache_gib: float = Field(1.0, gt=0)
     """vLLM KV-cache size in GiB (set explicitly on CPU: the default utilisation check fails there)."""
     block_size: int = Field(32, ge=16)
@@ -132,7 +130,7 @@ class RewardConfig(Section):
     """Reward of a wrong or unextractable response (DAPO verifier: -1; 80/20 release, Entropy-Mechanism,
     Skywork: 0)."""
     format_reward: float = 0.0
-    """Optional bonus when an answer is extractable (none of the papers use one: ALGORITHMS.md 6)."""
+    """Optional bonus when an answer is extractable (none of the papers use one: docs/algorithms.md 6)."""
     overlong_buffer: int = Field(0, ge=0)
     """DAPO soft overlong punishment buffer L_cache in tokens (0 = off; DAPO: 4096 with L_max 20480)."""
     overlong_max: int | None = Field(None, ge=1)
@@ -321,10 +319,11 @@ class QueueConfig(Section):
 class SyncConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Weight-broadcast backend: auto = NCCL when the learner and generators have GPUs, else gloo."""
-    bucket_mb: int = Field(128, ge=1)
-    """Broadcast bucket size in MiB (PLATFORM.md: 64-256 MiB reach 3.5-4.7 GB/s on loopback gloo)."""
+    bucket_mb: float = Field(128, gt=0)
+    """Broadcast bucket size in MiB (docs/platform.md "Weight broadcast on CPU": 64-256 MiB reach 3.5-4.7 GB/s on loopback gloo)."""
     timeout_s: float = Field(60.0, gt=0)
-    """Every collective of the sync group times out after this; a dead peer is an error, never a hang."""
+    """Every collective of the sync group times out after this; a dead peer is an error, never a hang. The
+    other waits of a sync derive from it (cluster.transport.weightsync.Deadlines)."""
 
 
 class MetricsConfig(Section):
@@ -404,11 +403,6 @@ class Config(Section):
         if r.prompts_per_step % self.learner.mini_batches:
             raise ValueError("rollout.prompts_per_step must be divisible by learner.mini_batches")
         return self
-
-    @property
-    def ppo_tokens_per_step(self) -> int:
-        r = self.rollout
-        return r.prompts_per_step * r.group_size * r.max_new_tokens
 
 
 class ConfigError(ValueError):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cluster.split import split_even
 from cluster.types import ScoredGroup
 
 
@@ -202,4 +203,4 @@ def collate(seqs: list[Seq], rows: list[Row], offsets: list[int], pad_id: int = 
 
 def split_groups(num_groups: int, parts: int) -> list[list[int]]:
     """Group indices split into `parts` contiguous, as-even-as-possible mini-batches (some may be empty)."""
-    return [a.tolist() for a in np.array_split(np.arange(num_groups), parts)]
+    return split_even(range(num_groups), parts)

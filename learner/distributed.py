@@ -1,11 +1,13 @@
-"""Cross-rank helpers for the learner's global quantities: the only learner module with collectives.
+"""Cross-rank helpers for the learner's global quantities (the step and weight publishing also run the
+collectives DeepSpeed does inside forward, backward, step and the ZeRO-3 gathers).
 
 `global_forking_mask` gives every rank its slice of the mask that `masks.forking_mask` would compute over
 the concatenation of all ranks' tokens in rank order (rank 0's tokens first), ties included: the
 entropies are all-gathered and every rank runs the same deterministic selection on the same vector.
 That costs one all-gather of 4 bytes per token (4 MB for a million tokens), no more than TRL's
 all-gather + quantile, and, unlike a threshold, it selects exactly k = ceil(rho * N_global) tokens.
-`global_sum` sums the normalising counts (`losses.BatchCounts`) across ranks.
+`all_reduce_floats` sums (or maxes, mins) a few numbers across ranks: the normalising counts
+(`losses.BatchCounts`), the ranks' agreement that a step may go on.
 
 All functions are collectives: every rank of `group` (None = the default process group, the one DeepSpeed
 initialises) must call them in the same order.
@@ -54,10 +56,12 @@ def global_forking_mask(entropy: torch.Tensor, rho: float, variant: str = "top",
     return mask[start: start + entropy.numel()].clone(), tau
 
 
-def global_sum(values: Sequence[float], group: dist.ProcessGroup | None = None,
-               device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise sum over ranks of a few numbers (token, selected, response counts), in float64 so
-    counts stay exact up to 2**53. device: where the collective runs (cuda for NCCL groups)."""
+def all_reduce_floats(values: Sequence[float], op: str = "sum", group: dist.ProcessGroup | None = None,
+                      device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise sum / max / min over ranks of a few numbers, in float64 so counts stay exact up to
+    2**53. device: where the collective runs (cuda for NCCL groups). A group of one rank runs no collective."""
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                        group=group)
     return t.tolist()

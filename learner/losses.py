@@ -16,9 +16,9 @@ exactly, whatever the micro-batch split, and so do the gradients. Per `Algorithm
                                     with none selected contributes 0);
     seq-mean-token-sum-norm (Dr.GRPO)  sum_t l_t / (counts.responses * counts.max_len).
 The KL-to-reference and entropy-bonus terms run over all valid tokens with the all-token normaliser.
-`learner.masks.selected_count` gives counts.selected from token counts alone (sum it over micro-batches
-for the micro scope, over ranks for mini, once over the global count for global), and
-`learner.distributed.global_sum` sums counts across ranks.
+`learner.masks.scope_selected_count` gives a rank's share of counts.selected (from token counts alone for the
+micro scope, from the precomputed mask for mini and global), and `learner.distributed.all_reduce_floats`
+sums counts across ranks.
 
 DeepSpeed averages gradients over data-parallel ranks and, with engine.backward's default
 scale_wrt_gas=True, divides the loss by gradient_accumulation_steps. To keep the exact mini-batch loss call
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from cluster.config import AlgorithmConfig
-from learner.masks import forking_mask
+from learner.masks import forking_mask, mask_active
 from learner.tokenstats import token_stats
 
 
@@ -247,14 +247,14 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
         if cfg.adaptive_entropy:
             raise ValueError("adaptive_entropy: pass entropy_coef=EntropyControl.alpha from the controller")
         entropy_coef = cfg.entropy_coef
-    mask_active = cfg.top_entropy_ratio < 1 or cfg.mask_variant == "bottom"
+    masked = mask_active(cfg.top_entropy_ratio, cfg.mask_variant)
     if mask is not None:
         if mask[0].shape != (n,) or mask[0].dtype != torch.bool:
             raise ValueError(f"mask must be a bool tensor of shape ({n},), got {tuple(mask[0].shape)}")
-    elif mask_active and cfg.entropy_scope != "micro":
+    elif masked and cfg.entropy_scope != "micro":
         raise ValueError(f"entropy_scope={cfg.entropy_scope!r} needs the precomputed mask of the whole "
                          "mini-batch (masks.forking_mask / distributed.global_forking_mask)")
-    need_entropy = stats or entropy_coef > 0 or (mask is None and mask_active)
+    need_entropy = stats or entropy_coef > 0 or (mask is None and masked)
 
     logp, entropy = token_stats(logits, tokens, temperature, chunk=chunk, with_entropy=need_entropy,
                                 grad_buffer=grad_buffer)
@@ -270,7 +270,7 @@ def compute_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch.Ten
 
     if mask is not None:
         selected, tau = mask[0] & valid, float(mask[1])
-    elif mask_active:
+    elif masked:
         selected, tau = forking_mask(entropy.detach(), cfg.top_entropy_ratio, cfg.mask_variant, valid=valid,
                                      generator=generator)
     else:

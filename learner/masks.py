@@ -7,14 +7,16 @@ token wins), so the same entropies always give the same mask, and a mask over a 
 order, `learner.distributed.global_forking_mask`) is the mask of the concatenated batch.
 
 Scopes (AlgorithmConfig.entropy_scope) are the caller's choice of what `entropy` covers: one micro-batch
-(`micro`, the released 80/20 code; `compute_loss` does it), the rank's mini-batch (`mini`: the worker
-concatenates its micro-batches' entropies in order, calls `forking_mask`, slices the result per
-micro-batch) or the whole mini-batch across ranks (`global`).
+(`micro`, the released 80/20 code; the loss does it), the rank's mini-batch (`mini`: the step concatenates
+its micro-batches' entropies in order, calls `forking_mask`, slices the result per micro-batch) or the whole
+mini-batch across ranks (`global`). `mask_active` and `scope_selected_count` are the one place the step and
+the loss learn whether a mask is in use and how many tokens it selects.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -37,6 +39,25 @@ def selected_count(n: int, rho: float, variant: str = "top") -> int:
     _check_variant(variant)
     k = top_count(n, rho)
     return n - k if variant == "bottom" else k
+
+
+def mask_active(rho: float, variant: str) -> bool:
+    """Whether a forking mask selects fewer than all tokens: rho < 1, or the bottom variant (which keeps the
+    n - k low-entropy tokens). rho = 1 with top or random selects every token: no mask is in use."""
+    return rho < 1 or variant == "bottom"
+
+
+def scope_selected_count(micro_tokens: Sequence[int], rho: float, variant: str,
+                         mask: torch.Tensor | None) -> int:
+    """The tokens of one rank's mini-batch that the mask selects (before the sum over ranks that makes
+    `BatchCounts.selected`): `mask` [total] bool, the precomputed mini/global mask, counts itself; without it
+    the micro scope selects `selected_count` of each micro-batch's tokens (`micro_tokens`); with no mask in
+    use every token counts."""
+    if mask is not None:
+        return int(mask.sum())
+    if mask_active(rho, variant):
+        return sum(selected_count(n, rho, variant) for n in micro_tokens)
+    return sum(micro_tokens)
 
 
 def forking_mask(entropy: torch.Tensor, rho: float, variant: str = "top", *,

@@ -1,4 +1,4 @@
-"""Learner statistics: entropy percentiles, covariance, clip fractions, KL and ratio (issue 3 item 8).
+"""Learner statistics: entropy percentiles, covariance, clip fractions, KL and ratio.
 
 `compute_loss` returns one mergeable part per micro-batch: counts and sums (added), min/max, and the
 detached per-token entropy and covariance of its valid tokens. `summarize(parts)` merges any set of parts

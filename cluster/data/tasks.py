@@ -252,3 +252,32 @@ def render_prompts(problems: list[Problem], tokenizer, cfg: DataConfig, split: s
         out.append(Prompt(f"{split}-{i}", text, np.asarray(ids, dtype=np.int32), p.gold, dict(p.meta)))
     return out
 
+
+
+class PromptStream:
+    """Training prompts in a reshuffled order each epoch; its position is saved with checkpoints."""
+
+    def __init__(self, prompts: list[Prompt], batch: int, seed: int):
+        self.prompts, self.batch, self.seed = prompts, batch, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+
+    def next(self) -> list[Prompt]:
+        out = []
+        while len(out) < self.batch:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._perm()
+            out.append(self.prompts[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self._order = self._perm()

@@ -1,22 +1,27 @@
 """The driver behind `forkrl train`: place the actors, run the sync or async loop, write the run.
 
-The two loops below are the algorithm; everything else (placement, queue, metrics, checkpoints, report, and
-recovery from dead generators, failed weight syncs and queue-server restarts) is a call into `System`
-(cluster/driver/system.py; docs/reliability.md lists the faults and what each does).
+The two loops below are the algorithm; everything else is a call into `System` (cluster/driver/system.py),
+which composes the run directory (rundir.py), placement and the actors (placement.py), recovery from dead
+generators, failed weight syncs and queue-server restarts (recovery.py; docs/reliability.md lists the faults)
+and the step statistics (stepstats.py).
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from cluster.config import Config
+
+if TYPE_CHECKING:
+    from cluster.driver.system import System
 
 log = logging.getLogger("forkrl")
 
 EXIT_ACTOR_LOST = 3   # an actor the run cannot replace died (e.g. a learner rank): resume from the checkpoint
 
 
-def sync_loop(s, steps: range) -> None:
+def sync_loop(s: System, steps: range) -> None:
     """max_staleness = 0: generate with version v, grade, push, train, publish v+1."""
     for step in steps:
         with s.phase("generate"):
@@ -30,7 +35,7 @@ def sync_loop(s, steps: range) -> None:
         s.end_step(step)
 
 
-def async_loop(s, steps: range) -> None:
+def async_loop(s: System, steps: range) -> None:
     """max_staleness = k >= 1: the generators sample the next batch while the learner trains on this one;
     new weights reach a generator between two generate calls; the queue drops groups older than k."""
     rollouts = s.collect(s.generate(s.data.next()))

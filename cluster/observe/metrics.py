@@ -91,8 +91,8 @@ STEP_STATS: dict[str, Metric] = {
     "loss": _g("forkrl_loss", "Training loss of the step as the learner reports it"),
     "learner/grad_norm": _g("forkrl_grad_norm", "Global gradient norm before clipping (mean over updates)"),
     # Reward and accuracy
-    "train/reward_mean": _g("forkrl_reward_mean", _REWARD, split="train"),
-    "train/accuracy_avg": _g("forkrl_accuracy_ratio", _ACC, split="train", estimator="avg_at_k"),
+    "reward/mean": _g("forkrl_reward_mean", _REWARD, split="train"),
+    "reward/accuracy": _g("forkrl_accuracy_ratio", _ACC, split="train", estimator="avg_at_k"),
     "train/accuracy_pass": _g("forkrl_accuracy_ratio", _ACC, split="train", estimator="pass_at_k"),
     "eval/reward_mean": _g("forkrl_reward_mean", _REWARD, split="eval"),
     "eval/accuracy_avg": _g("forkrl_accuracy_ratio", _ACC, split="eval", estimator="avg_at_k"),

@@ -1,7 +1,7 @@
 """Versioned weight sync: learner rank 0 broadcasts named tensors to every generator worker.
 
 A private process group (gloo on CPU, NCCL on GPU) that never touches the default process group of either
-side (ARCHITECTURE.md "Weight sync", PLATFORM.md "Weight broadcast on CPU"). One sync is:
+side (docs/architecture.md, docs/platform.md "Weight broadcast on CPU"). One sync is:
 
 1. a header `[magic, manifest length]` (int64) then the manifest itself as msgpack bytes in a uint8 tensor:
    version, bucket size and (name, shape, dtype) of every tensor, in send order. No pickle: a receiver
@@ -11,8 +11,9 @@ side (ARCHITECTURE.md "Weight sync", PLATFORM.md "Weight broadcast on CPU"). One
 
 The receiver keeps its bucket buffers between syncs (fresh buffers cost page faults on every sync) and
 yields tensors as their bucket arrives, so a consumer such as vLLM's layer-wise reload overlaps the receive.
-Every collective waits at most `timeout_s`: a dead or absent peer raises `SyncError`, never hangs; the
-group is unusable afterwards and must be rebuilt.
+Every wait is bounded by a deadline derived once from `sync.timeout_s` (`Deadlines`): a dead or absent peer
+raises `SyncError`, never hangs; the group is unusable afterwards and must be rebuilt. Both ends take the
+run's `SyncConfig`.
 """
 
 from __future__ import annotations
@@ -30,11 +31,38 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from cluster.config import SyncConfig
+
 MAGIC = 0x666B726C7773  # "fkrlws": rejects a peer speaking another protocol
 _ALIGN = 64             # byte alignment of every tensor inside a bucket (any dtype view is legal)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
     torch.int8, torch.uint8, torch.bool)}
+
+
+BUCKET_SLACK_S = 5.0   # past the broadcast's own timeout, so a timed-out bucket is reported by the broadcast
+INIT_SLACK_S = 30.0    # forming the group: every member starts its process (a vLLM worker) before it joins
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Every wait of a weight sync, in seconds, each derived from `sync.timeout_s` here and nowhere else."""
+
+    collective_s: float   # each collective of the group: forming it, every broadcast
+    bucket_s: float       # a receiver waiting for its receive thread to hand over one bucket
+    apply_s: float        # the driver waiting for a generator's receive-and-reload call
+    hung_s: float         # after a failed call, a generator still busy this much later is hung (replaced)
+    group_init_s: float   # the driver waiting for every member to join the group
+
+    @classmethod
+    def of(cls, sync: SyncConfig) -> "Deadlines":
+        t = sync.timeout_s
+        return cls(collective_s=t, bucket_s=t + BUCKET_SLACK_S, apply_s=t, hung_s=t, group_init_s=t + INIT_SLACK_S)
+
+
+def bucket_bytes(sync: SyncConfig) -> int:
+    """sync.bucket_mb in bytes (at least 1)."""
+    return max(1, int(sync.bucket_mb * (1 << 20)))
 
 
 class SyncError(RuntimeError):
@@ -202,10 +230,9 @@ class WeightSender:
     """Learner rank 0's end (rank 0 of the group). Constructing it blocks until every receiver has joined,
     so the driver creates the sender and the receivers concurrently."""
 
-    def __init__(self, host: str, port: int, world_size: int, *, timeout_s: float = 60.0,
-                 bucket_mb: float = 128, backend: str = "auto"):
-        self.group = BroadcastGroup(host, port, 0, world_size, timeout_s, backend)
-        self.bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
+    def __init__(self, host: str, port: int, world_size: int, sync: SyncConfig):
+        self.group = BroadcastGroup(host, port, 0, world_size, Deadlines.of(sync).collective_s, sync.backend)
+        self.bucket_bytes = bucket_bytes(sync)
         self._buffers: list[torch.Tensor] = []   # two bucket buffers: fill one while the other is on the wire
 
     def send(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -271,14 +298,14 @@ class WeightSender:
 class WeightReceiver:
     """A generator worker's end (rank >= 1)."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, *, timeout_s: float = 60.0,
-                 backend: str = "auto"):
-        self.group = BroadcastGroup(host, port, rank, world_size, timeout_s, backend)
+    def __init__(self, host: str, port: int, rank: int, world_size: int, sync: SyncConfig):
+        self.deadlines = Deadlines.of(sync)
+        self.group = BroadcastGroup(host, port, rank, world_size, self.deadlines.collective_s, sync.backend)
         self._buffers: list[torch.Tensor] = []
         self.timing: dict[str, float] = {}
 
     def receive_manifest(self) -> Manifest:
-        """Block (up to timeout_s) until the sender starts a sync; return what it will send."""
+        """Block (up to the collective deadline) until the sender starts a sync; return what it will send."""
         g = self.group
         header = torch.zeros(2, dtype=torch.int64, device=g.device)
         g.broadcast(header)
@@ -304,7 +331,7 @@ class WeightReceiver:
         buckets = plan_buckets(manifest.specs, manifest.bucket_bytes)
         self._ensure_buffers(buckets)
         arrived: queue.Queue = queue.Queue()
-        g = self.group
+        g, wait_s = self.group, self.deadlines.bucket_s
 
         def receive() -> None:
             t0 = time.perf_counter()
@@ -321,9 +348,9 @@ class WeightReceiver:
         try:
             for k, bucket in enumerate(buckets):
                 try:
-                    got = arrived.get(timeout=g.timeout_s + 5)
+                    got = arrived.get(timeout=wait_s)
                 except queue.Empty:
-                    raise SyncError(f"bucket {k} did not arrive within {g.timeout_s} s") from None
+                    raise SyncError(f"bucket {k} did not arrive within {wait_s} s") from None
                 if isinstance(got, BaseException):
                     raise got
                 for i, offset in bucket.entries:
@@ -331,7 +358,7 @@ class WeightReceiver:
                     yield spec.name, _view(self._buffers[k], offset, spec)
         finally:
             # a consumer that stops early must not leave a broadcast in flight under the next collective
-            thread.join(g.timeout_s + 5)
+            thread.join(wait_s)
 
     def close(self) -> None:
         self.group.close()

@@ -42,7 +42,7 @@ def step_stats(run: str, step: int) -> dict[str, float]:
         "clip_cov/clipped": 3, "kl_cov/penalised": 10 if run == "healthy" else 0,
         "clip/low_frac": 0.01, "clip/high_frac": 0.02, "kl/approx": 1e-3,
         "loss": -0.01, "learner/grad_norm": 0.5,
-        "train/reward_mean": acc - 0.1, "train/accuracy_avg": acc - 0.1, "train/accuracy_pass": min(1.0, acc + 0.1),
+        "reward/mean": acc - 0.1, "reward/accuracy": acc - 0.1, "train/accuracy_pass": min(1.0, acc + 0.1),
         "response/length_mean": 40 - step / 2, "response/length_max": 64, "response/truncated_share": 0.05,
         "sampling/drop_share": 0.3,
         "queue/undelivered": 4, "queue/produced": 8, "queue/consumed": 8, "queue/dropped_stale": 1,

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.generator import Sampling, generator_actor
-from cluster.config import DataConfig, RolloutConfig
+from cluster.config import DataConfig, RolloutConfig, SyncConfig
 from cluster.data.tasks import render_prompts, synthetic_problems
 from cluster.types import Prompt
 from cluster.transport.weightsync import SyncError, TensorSpec, WeightSender, free_port, plan_buckets
@@ -143,8 +143,9 @@ def test_bad_prompts_are_errors_naming_the_prompt(engine, prompts):
 
 def connect(gen, timeout_s: float = 30.0) -> WeightSender:
     port = free_port()
-    joined = gen.init_weight_sync.remote(HOST, port, 1, 2, timeout_s, "gloo")
-    sender = WeightSender(HOST, port, 2, timeout_s=timeout_s, bucket_mb=BUCKET_MB, backend="gloo")
+    sync = SyncConfig(timeout_s=timeout_s, bucket_mb=BUCKET_MB, backend="gloo")
+    joined = gen.init_weight_sync.remote(HOST, port, 1, 2, sync.model_dump())
+    sender = WeightSender(HOST, port, 2, sync)
     assert ray.get(joined) == [1]
     return sender
 

@@ -20,7 +20,7 @@ WORKER = r"""
 import json, sys
 from datetime import timedelta
 import torch, torch.distributed as dist
-from learner.distributed import global_forking_mask, global_sum
+from learner.distributed import all_reduce_floats, global_forking_mask
 from tests.integration.test_global_mask_gloo import make_batch, SIZES
 
 rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -38,7 +38,7 @@ try:
         mask, tau = global_forking_mask(entropy[mine], rho, variant, valid=valid[mine] if use_valid else None,
                                         generator=gen)
         res[name] = {"mask": mask.tolist(), "tau": tau}
-    res["sum"] = global_sum([float(valid[mine].sum()), 1.5 * (rank + 1), 2.0 ** 40 + rank])
+    res["sum"] = all_reduce_floats([float(valid[mine].sum()), 1.5 * (rank + 1), 2.0 ** 40 + rank])
     res["empty_rank"] = global_forking_mask(entropy[mine] if rank == 0 else torch.zeros(0), 0.2)[0].tolist()
 finally:
     dist.destroy_process_group()

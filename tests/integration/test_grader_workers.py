@@ -56,7 +56,7 @@ def test_parallel_results_equal_inline_and_keep_order():
                              "meta": {"numbers": np.array([3, 8]), "target": 24}}, OK])
     assert strip(got) == run_inline(jobs)
     assert bad[0]["correct"] and bad[2]["correct"] and "not JSON-serialisable" in bad[1]["error"]
-    assert all(r["seconds"] >= 0 for r in got)
+    assert all(0 < r["seconds"] < 30 for r in got)   # measured in the worker, inside the pool's timeout
 
 
 @pytest.mark.timeout(120)

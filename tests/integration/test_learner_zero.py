@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import Config
+from cluster.config import Config, SyncConfig
 from cluster.types import Response, Rollout, ScoredGroup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -164,12 +164,12 @@ def queue_scenario(tr, address: dict, rank: int) -> dict:
         tr.train_step(shares[rank], 0, 0, timeout_s=60)
     except RuntimeError as e:
         out["error"] = str(e)
-    tr._reduce([0.0])  # both ranks are past their failed step
+    tr.step.reduce([0.0])  # both ranks are past their failed step
     out["after_failure"] = {"pending": tr.consumer.depth()["queue/pending"], "trained": tr.queue_state()["trained"]}
     del tr.train_on
     tr.attach_queue(address)  # the restarted consumer
     stats = tr.train_step(shares[rank], 0, 0, timeout_s=60)
-    tr._reduce([0.0])  # both ranks acked
+    tr.step.reduce([0.0])  # both ranks acked
     out["stats"] = {k: v for k, v in stats.items() if k.startswith(("queue/", "learner/groups"))}
     out["after_success"] = {"pending": tr.consumer.depth()["queue/pending"], "trained": tr.queue_state()["trained"]}
     return out
@@ -186,7 +186,7 @@ def sync_scenario(tr, rank: int) -> dict:
         port = _free_port()
 
         def receive():
-            rx = WeightReceiver("127.0.0.1", port, 1, 2, timeout_s=60, backend="gloo")
+            rx = WeightReceiver("127.0.0.1", port, 1, 2, SyncConfig(timeout_s=60, backend="gloo"))
             manifest = rx.receive_manifest()
             got["version"] = manifest.version
             got["weights"] = {n: t.clone() for n, t in rx.tensors(manifest)}

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster.config import SyncConfig
 from cluster.transport.weightsync import SyncError, TensorSpec, WeightReceiver, WeightSender, free_port
 
 HOST = "127.0.0.1"
@@ -57,9 +58,9 @@ def run(fn, *args):
 def connect(n_receivers: int, timeout_s: float = 10.0, bucket_mb: int = 1):
     port = free_port()
     world = n_receivers + 1
-    joins = [run(lambda r=r: WeightReceiver(HOST, port, r, world, timeout_s=timeout_s, backend="gloo"))
-             for r in range(1, world)]
-    sender = WeightSender(HOST, port, world, timeout_s=timeout_s, bucket_mb=bucket_mb, backend="gloo")
+    sync = SyncConfig(timeout_s=timeout_s, bucket_mb=bucket_mb, backend="gloo")
+    joins = [run(lambda r=r: WeightReceiver(HOST, port, r, world, sync)) for r in range(1, world)]
+    sender = WeightSender(HOST, port, world, sync)
     return sender, [j() for j in joins]
 
 
@@ -125,7 +126,7 @@ def test_lazy_tensors_module_by_module_and_mismatch_is_an_error_on_both_sides():
 @pytest.mark.timeout(60)
 def test_absent_sender_is_an_error_within_the_timeout():
     with pytest.raises(SyncError, match="could not form within 1.0 s"):
-        WeightReceiver(HOST, free_port(), 1, 2, timeout_s=1.0)
+        WeightReceiver(HOST, free_port(), 1, 2, SyncConfig(timeout_s=1.0))
 
 
 @pytest.mark.timeout(60)
@@ -142,6 +143,7 @@ def _peer(code: str, port: int) -> subprocess.Popen:
     measures the sync, not the interpreter's start)."""
     script = textwrap.dedent(f"""
         import os, torch
+        from cluster.config import SyncConfig
         from cluster.transport.weightsync import TensorSpec, WeightReceiver, WeightSender
         port = {port}
         print("ready", flush=True)
@@ -155,7 +157,7 @@ def _peer(code: str, port: int) -> subprocess.Popen:
 def test_sender_process_dying_mid_sync_is_an_error_for_the_receiver():
     port = free_port()
     proc = _peer("""
-        s = WeightSender("127.0.0.1", port, 2, timeout_s=20, bucket_mb=1, backend="gloo")
+        s = WeightSender("127.0.0.1", port, 2, SyncConfig(timeout_s=20, bucket_mb=1, backend="gloo"))
         specs = [TensorSpec(f"w{i}", (256, 1024), "float32") for i in range(4)]   # 1 MiB each: 4 buckets
         def dies():
             yield "w0", torch.ones(256, 1024)
@@ -163,7 +165,7 @@ def test_sender_process_dying_mid_sync_is_an_error_for_the_receiver():
         s.send(1, dies(), specs=specs)
     """, port)
     try:
-        rx = WeightReceiver(HOST, port, 1, 2, timeout_s=20)
+        rx = WeightReceiver(HOST, port, 1, 2, SyncConfig(timeout_s=20))
         m = rx.receive_manifest()
         assert m.version == 1 and [s.name for s in m.specs] == ["w0", "w1", "w2", "w3"]
         got = []
@@ -180,11 +182,11 @@ def test_sender_process_dying_mid_sync_is_an_error_for_the_receiver():
 def test_dead_receiver_is_an_error_for_the_sender():
     port = free_port()
     proc = _peer("""
-        rx = WeightReceiver("127.0.0.1", port, 1, 2, timeout_s=20, backend="gloo")
+        rx = WeightReceiver("127.0.0.1", port, 1, 2, SyncConfig(timeout_s=20, backend="gloo"))
         os._exit(0)                              # joins the group, then the generator crashes
     """, port)
     try:
-        sender = WeightSender(HOST, port, 2, timeout_s=2, bucket_mb=1, backend="gloo")
+        sender = WeightSender(HOST, port, 2, SyncConfig(timeout_s=2, bucket_mb=1, backend="gloo"))
         assert proc.wait(30) == 0
         with pytest.raises(SyncError):
             sender.send(1, model(0).items())

@@ -241,4 +241,5 @@ def test_corrupted_bytes_decode_or_raise_codec_error(data):
     except CodecError:
         return
     assert isinstance(out, ScoredGroup)
-    assert encode(out) is not None                      # what decodes is a valid, re-encodable group
+    again = encode(out)                                 # what decodes is a valid, re-encodable group ...
+    assert encode(decode(again)) == again               # ... whose bytes round-trip exactly

@@ -106,7 +106,7 @@ def run(case: str | None = None) -> Iterator[dict]:
     from actors.generator import engine_env
     from cluster.config import LearnerConfig, RolloutConfig, SyncConfig
     from cluster.runtime import runtime_env_vars
-    from cluster.transport.weightsync import TensorSpec, WeightSender, free_port, plan_buckets
+    from cluster.transport.weightsync import TensorSpec, WeightSender, bucket_bytes, free_port, plan_buckets
 
     cases = [case] if case else ["tiny", "smollm2"]
     for c in cases:
@@ -118,14 +118,14 @@ def run(case: str | None = None) -> Iterator[dict]:
     # sender's bucket copies would outrank the generator's reload on a 2-core box, which no real sync sees.
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     torch.set_num_threads(LearnerConfig().threads)
-    sync_cfg = SyncConfig()
+    sync_cfg = SyncConfig(backend="gloo")
     r = RolloutConfig(kv_cache_gib=0.5)          # the production engine settings (threads included)
     for c in cases:
         model_dir = bench_model(c)
         learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         named = [(n, p.detach()) for n, p in learner.named_parameters()]
         specs = [TensorSpec.of(n, t) for n, t in named]
-        sizes = [b.nbytes for b in plan_buckets(specs, sync_cfg.bucket_mb << 20)]
+        sizes = [b.nbytes for b in plan_buckets(specs, bucket_bytes(sync_cfg))]
 
         env = {**runtime_env_vars(), **engine_env(r)}
         gen = ray.remote(SyncBenchGenerator).options(num_cpus=1, runtime_env={"env_vars": env}).remote(
@@ -133,9 +133,8 @@ def run(case: str | None = None) -> Iterator[dict]:
         try:
             ray.get(gen.info.remote())
             port = free_port(HOST)
-            joined = gen.init_weight_sync.remote(HOST, port, 1, 2, sync_cfg.timeout_s, "gloo")
-            sender = WeightSender(HOST, port, 2, timeout_s=sync_cfg.timeout_s, bucket_mb=sync_cfg.bucket_mb,
-                                  backend="gloo")
+            joined = gen.init_weight_sync.remote(HOST, port, 1, 2, sync_cfg.model_dump())
+            sender = WeightSender(HOST, port, 2, sync_cfg)
             ray.get(joined)
             raw = _RawSender(gen, sizes, sync_cfg.timeout_s)
             ray.get(gen.reload_setup.remote(model_dir, [n for n, _ in named]))
