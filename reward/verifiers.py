@@ -260,6 +260,16 @@ def _signed(t: str) -> Fraction | None:
     return None if v is None else -v if neg else v
 
 
+def _paren_end(s: str) -> int:
+    """Index of the parenthesis closing s[0] == '(', else -1."""
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i if ch == ")" else -1
+    return -1
+
+
 def _ratio(a: Fraction | None, b: Fraction | None) -> Fraction | None:
     return None if a is None or b is None or b == 0 else a / b
 
@@ -331,14 +341,18 @@ def numeric_value(s: str | None) -> Fraction | None:
         words.pop(0)
     if not unit_words_ok(words) or any(w.lower() in _PERCENT_WORDS or w.lower() in _MULTIPLIERS for w in words):
         return None
-    neg = False
-    for _ in range(2):  # '-$5', '$-5'
-        if head[:1] in "+-" and head:
-            neg, head = neg ^ (head[0] == "-"), head[1:].lstrip()
+    signs = ""
+    for _ in range(8):  # '-$5', '$-5', '{5}', '(42)', '(-5)'; at most one sign
+        if head[:1] in ("+", "-") and not signs:
+            signs, head = head[0], head[1:].lstrip()
         elif m := _CURRENCY.match(head):
             head = head[m.end():]
-    while head.startswith("{") and _group_end(head, 0) == len(head) - 1:
-        head = head[1:-1].strip()
+        elif (head[:1], _group_end(head, 0) if head[:1] == "{" else _paren_end(head)) in (("{", len(head) - 1),
+                                                                                          ("(", len(head) - 1)):
+            head = head[1:-1].strip()
+        else:
+            break
+    neg = signs == "-"
     value = _core(head)
     if value is None:
         return None
