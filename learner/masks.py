@@ -84,13 +84,23 @@ def forking_mask(entropy: torch.Tensor, rho: float, variant: str = "top", *,
     if bool(torch.isnan(h).any()):
         first = int(torch.isnan(h).nonzero()[0])
         raise ValueError(f"entropy of token {first if idx is None else int(idx[first])} is NaN")
-    k = top_count(h.numel(), rho)
     mask = torch.zeros(n, dtype=torch.bool, device=entropy.device)
+    pick, tau = select_tokens(h, rho, variant, generator)
+    mask[pick if idx is None else idx[pick]] = True
+    return mask, float(tau)
+
+
+def select_tokens(h: torch.Tensor, rho: float, variant: str = "top",
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection of `forking_mask` over the valid tokens' entropies h [n] (detached, none NaN: not
+    checked here) -> (pick [k or n - k] int64 indices into h, tau as a 0-d tensor, NaN when n = 0).
+    No host synchronisation: the loss calls it once per micro-batch (entropy_scope=micro)."""
+    k = top_count(h.numel(), rho)
     if k == 0:
-        return mask, float("nan")
+        return torch.zeros(0, dtype=torch.long, device=h.device), torch.full((), math.nan, device=h.device)
     # stable descending sort: equal entropies keep their position order
     order = torch.sort(h, descending=True, stable=True).indices
-    tau = float(h[order[k - 1]])
+    tau = h[order[k - 1]]
     if variant == "top":
         pick = order[:k]
     elif variant == "bottom":
@@ -99,8 +109,7 @@ def forking_mask(entropy: torch.Tensor, rho: float, variant: str = "top", *,
         if generator is None:
             raise ValueError("mask_variant='random' needs a seeded torch.Generator")
         pick = torch.randperm(h.numel(), generator=generator, device=generator.device)[:k].to(h.device)
-    mask[pick if idx is None else idx[pick]] = True
-    return mask, tau
+    return pick, tau
 
 
 def _check_variant(variant: str) -> None:

@@ -1,9 +1,11 @@
 """Learner statistics: entropy percentiles, covariance, clip fractions, KL and ratio.
 
-`compute_loss` returns one mergeable part per micro-batch: counts and sums (added), min/max, and the
-detached per-token entropy and covariance of its valid tokens. `summarize(parts)` merges any set of parts
-(one micro-batch, a rank's step, or every rank's parts after gathering) into final floats, so percentiles
-and top-share means are exact over the whole set rather than averages of per-micro-batch values.
+`learner.losses.micro_batch_loss` returns one mergeable part per micro-batch: counts and sums (added),
+min/max, and the detached per-token entropy and covariance of its valid tokens, its scalars left on the
+device; `parts_to_host` moves a step's parts to the host in one copy (`compute_loss` does it for one).
+`summarize(parts)` merges any set of host parts (one micro-batch, a rank's step, or every rank's parts
+after gathering) into final floats, so percentiles and top-share means are exact over the whole set
+rather than averages of per-micro-batch values.
 """
 
 from __future__ import annotations
@@ -58,8 +60,21 @@ def covariance_stats(cov: torch.Tensor) -> dict[str, float]:
             "cov/frac_positive": float((c > 0).double().mean())}
 
 
+def parts_to_host(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`micro_batch_loss` parts with their 0-d tensors as python floats, in ONE device-to-host copy for
+    all of them (the training step calls it once per step); the tokens/ vectors stay tensors."""
+    where = [(i, k) for i, p in enumerate(parts) for k, v in p.items()
+             if torch.is_tensor(v) and not k.startswith("tokens/")]
+    out = [dict(p) for p in parts]
+    if where:
+        values = torch.stack([parts[i][k].detach().double() for i, k in where]).tolist()
+        for (i, k), v in zip(where, values):
+            out[i][k] = v
+    return out
+
+
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge `compute_loss` parts by key kind: loss*/sum/count added, min/max kept, tokens/ concatenated,
+    """Merge host parts (`parts_to_host`) by key kind: loss*/sum/count added, min/max kept, tokens/ concatenated,
     tau averaged over the parts that have one, anything else taken from the last part."""
     out: dict[str, Any] = {}
     taus = []

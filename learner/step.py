@@ -28,8 +28,10 @@ mini-batch's entropies before its first backward: the first update of a step reu
 (the weights are still the old policy's), later mini-batches run one extra no-grad pass under the current
 weights (the 80/20 code also takes entropies from the policy being trained).
 
-Statistics. Rank 0 returns the step's learner statistics over ALL ranks (`stats.summarize` of every rank's
-micro-batch parts, gathered without pickle), with loss/* the mean over the step's updates of the global
+Statistics. The micro-batch losses leave their statistics on the device (no host synchronisation per
+micro-batch); `stats.parts_to_host` copies the step's parts to the host once. Rank 0 returns the step's
+learner statistics over ALL ranks (`stats.summarize` of every rank's micro-batch parts, gathered without
+pickle), with loss/* the mean over the step's updates of the global
 mini-batch loss; every rank returns its own learner/groups, learner/responses, learner/tokens and time/*
 (the driver sums and maxes those).
 """
@@ -163,7 +165,8 @@ class TrainStep:
         """One RL step on this rank's share of groups (may be empty), with the other ranks; `version` is the
         weights version this step produces (learner/version)."""
         from learner.entropy_control import update_control
-        from learner.losses import BatchCounts, compute_loss, deepspeed_loss_scale
+        from learner.losses import BatchCounts, check_inputs, deepspeed_loss_scale, micro_batch_loss
+        from learner.stats import parts_to_host
 
         t0 = time.perf_counter()
         cfg, ac, lc = self.cfg, self.cfg.algorithm, self.cfg.learner
@@ -197,6 +200,8 @@ class TrainStep:
                 tis = torch.exp(torch.clamp(old_logp - sampler_logp, max=math.log(ac.tis_cap)))
         ref_logp = self._ref_logp(seqs, offsets, total) if eng.ref is not None else None
         alpha = self.entropy_control.alpha if self.entropy_control else ac.entropy_coef
+        # the loss's value checks once over the step's [T] vectors, not per micro-batch (host syncs)
+        check_inputs(total, old_logp=None if single else pi_old, advantages=adv, ref_logp=ref_logp, token_weight=tis)
         t_prep = time.perf_counter() - t0
 
         parts: list[dict[str, Any]] = []
@@ -225,14 +230,14 @@ class TrainStep:
                         eng.engine.backward(logits.float().sum() * 0.0, scale_wrt_gas=False)
                         continue
                     pos = mb.positions
-                    loss, part = compute_loss(
+                    loss, part = micro_batch_loss(   # no host sync: the part's scalars stay on the device
                         logits, mb.targets, None if single else pi_old[pos], adv[pos], mb.seq_ids, counts, ac,
                         temperature=cfg.rollout.temperature, chunk=lc.logits_chunk,
                         ref_logp=ref_logp[pos] if ref_logp is not None else None,
                         mask=(mask_vec[pos], tau) if mask_vec is not None else None,
                         entropy_coef=alpha, generator=self.gen,
                         token_weight=tis[pos] if tis is not None else None,
-                        grad_buffer=self._grad_buffer(logits))
+                        grad_buffer=self._grad_buffer(logits), num_seqs=len(mb.seqs), check=False)
                     eng.engine.backward(loss * scale, scale_wrt_gas=False)
                     if single:  # on-policy: this forward's log-probs and entropies are pi_old's
                         old_logp[pos] = part.pop("tokens/logp")
@@ -252,10 +257,10 @@ class TrainStep:
         mm_sum, h_sum, n_all, dropped_all = self.reduce([float(mismatch[valid].sum()), h_local, n_local, dropped])
         mm_max = self.reduce([float(mismatch[valid].max()) if n_local else 0.0], "max")[0]
         if self.entropy_control is not None and n_all:
-            # e_k over all ranks' tokens of the step, under the pre-update policy (ALGORITHMS.md 3.2)
+            # e_k over all ranks' tokens of the step, under the pre-update policy (docs/algorithms.md 3.2)
             self.entropy_control = update_control(self.entropy_control, h_sum / n_all, ac)
 
-        summary = self._global_summary(parts, n_updates)
+        summary = self._global_summary(parts_to_host(parts), n_updates)   # the step's one copy to the host
         stats: StepStats = {"learner/groups": float(len(groups)), "learner/responses": float(len(seqs)),
                             "learner/tokens": float(total),
                             "time/prep_s": t_prep, "time/train_s": time.perf_counter() - t0}

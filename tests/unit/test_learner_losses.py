@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cluster.config import AlgorithmConfig
-from learner.losses import (BatchCounts, aggregate, compute_loss, deepspeed_loss_scale, kl_penalty,
-                            normalizers, ppo_clip)
+from learner.losses import BatchCounts, aggregate, compute_loss, deepspeed_loss_scale, kl_penalty, normalizers
+from learner.policy_losses import ppo_clip
 from learner.masks import forking_mask, selected_count
 from learner.tokenstats import token_stats
 
