@@ -238,6 +238,7 @@ _MULTIPLIERS = {"hundred": 2, "thousand": 3, "million": 6, "billion": 9, "trilli
 HEDGE_WORDS = frozenset("""or and to plus minus times more less fewer least most than over under about around
     approximately approx roughly nearly almost not no between from till until squared cubed half bn mn mil
     lakh crore dozen dozens hundreds thousands millions billions trillions""".split())
+_PLAIN = re.compile(r"-?\d+(?:\.\d+)?", re.ASCII)
 _LHS_BAD = re.compile(r"[,;<>≤≥≈±≠]|\\(?:le|ge|leq|geq|lt|gt|approx|pm|mp|neq|ne|sim)(?![A-Za-z])")
 
 
@@ -326,7 +327,11 @@ def numeric_value(s: str | None) -> Fraction | None:
     """The value of s if it is exactly one number of the grammar above: '1,234.50' -> 2469/2,
     '\\frac{3}{4}' -> 3/4, '$18 dollars' -> 18, '50\\%' -> 1/2, '1e400' -> 10^400; else None
     ('10-3', '2^{10}', '4 or 5', '1, 2', '0x10', '٥')."""
-    if s is None or len(s) > MAX_ANSWER_CHARS or (t := number_text(s)) is None:
+    if s is None or len(s) > MAX_ANSWER_CHARS:
+        return None
+    if _PLAIN.fullmatch(s):  # the common case, at a fraction of the cost
+        return Fraction(s)
+    if (t := number_text(s)) is None:
         return None
     if "=" in t:
         lhs, _, t = t.partition("=")
@@ -583,6 +588,7 @@ def math_key(answer: str) -> str:
     return numeric_key(answer) or " ".join(answer.split())
 
 
+@functools.lru_cache(maxsize=4096)  # every response of a group is scored against the same gold
 def gold_answer(verifier: str, gold: str | None) -> str | None:
     """Normalise a dataset gold answer (it may itself be '\\boxed{..}', '$..$' or a GSM8K '#### 72'); several
     boxes are one answer, as in a response. Numeric: its exact value key ('p' or 'p/q')."""
