@@ -47,6 +47,8 @@ GRAMMAR = [
     ("5 m^2", None, "variable squared"), ("5k", None, "ambiguous multiplier"), ("5 or more", None, "hedge"),
     ("5 or 6", None, "two numbers"), ("about 5", None, "word before"), ("5 and a half", None, "hedge"),
     ("5 dozen", None, "unvalued multiplier"), ("\\text{5}", F(5), "text wrapper"), ("{5}", F(5), "braces"),
+    ("(42)", F(42), "parentheses"), ("(-5)", F(-5), "sign in parentheses"), ("-(-5)", None, "two signs: an expression"),
+    ("--5", None, "two signs"), ("(1)(2)", None, "a product"),
     ("x = 5", F(5), "variable ="), ("10 - 3 = 7", F(7), "work ="), ("8 \\times 3 = 24", F(24), "work with times ="),
     ("6 = 7", None, "number = number"), ("x = 5 = 6", None, "two ="), ("x = 5 or x = 6", None, "two ="),
     ("x, y = 5", None, "list ="), ("x \\approx 5", None, "approximation"), ("\\approx 5", None, "approximation"),
