@@ -1,4 +1,4 @@
-"""Majority vote for label-free rewards (TTRL, Zuo et al. 2504.16084; docs/rewards.md).
+"""Majority vote for label-free rewards (TTRL, Zuo et al. 2504.16084; docs/algorithms.md 4.1; docs/rewards.md).
 
 The vote is a function of the multiset of answers, never of their order:
 - Each response's answer has a canonical key (reward.verifiers: the exact value of a number, so '0.5',
