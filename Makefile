@@ -5,6 +5,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.forkrl-setup
+BENCH_STAMP := $(VENV)/.forkrl-bench
 # This machine keeps the CPU wheel of torch 2.13.0 on disk; elsewhere the PyTorch CPU index has it
 # (PyPI's Linux wheel is the CUDA build, several GB).
 TORCH_INDEX := $(if $(wildcard /opt/wheels/torch-2.13.0*),,--extra-index-url https://download.pytorch.org/whl/cpu)
@@ -42,7 +43,13 @@ run: setup
 test: setup debian
 	$(BIN)/python -m pytest -q tests
 
-bench: setup
+# The benchmarks also need the `bench` extra (TRL, the e2e baseline).
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -e '.[cpu,test,bench]' $(TORCH_INDEX)
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/forkrl bench all
 
 clean:

@@ -6,8 +6,13 @@ directory and /tmp; nothing may be fetched from a model hub at run time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+# CPU features that change what torch.compile's C++ backend emits (vector width, VNNI/BF16/FP16/AMX paths).
+_ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+              "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
 def cache_dir(*parts: str) -> Path:
@@ -31,12 +36,50 @@ def runtime_env_vars() -> dict[str, str]:
         "DO_NOT_TRACK": "1",
         "TORCH_EXTENSIONS_DIR": str(root / "torch_extensions"),
         "TRITON_CACHE_DIR": str(root / "triton"),
-        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache_dir()),
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
     }
 
 
+def inductor_cache_key() -> str:
+    """Names the code torch.compile generates in this process: torch version, ATen's CPU capability (which
+    ATEN_CPU_CAPABILITY overrides) and the CPU's vector features.
+
+    Inductor's cache does not key its generated C++ by the vector ISA it was generated for: a kernel written
+    for AVX-512 (16-lane loops) and reloaded in a process that compiles for AVX2 (8-lane vectors), or the
+    reverse, reads and writes past its buffers, giving wrong values, NaN or heap corruption (docs/platform.md
+    "One torch.compile cache per vector ISA"). So every ISA gets its own directory.
+    """
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    features = " ".join(f for f in _ISA_FLAGS if f in flags)
+    digest = hashlib.sha256(features.encode()).hexdigest()[:10]
+    return f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"
+
+
+def inductor_cache_dir() -> Path:
+    """$FORKRL_CACHE/inductor/<inductor_cache_key()>."""
+    return cache_dir("inductor", inductor_cache_key())
+
+
+def pin_inductor_cache() -> None:
+    """Point TORCHINDUCTOR_CACHE_DIR at this process's ISA directory; call it before anything is compiled.
+    runtime_env_vars() computes the directory in the driver, and a Ray actor may run on another machine or
+    with another ATEN_CPU_CAPABILITY, so the process that compiles sets it again for itself."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
+
+
 def setup_env() -> None:
     for k, v in runtime_env_vars().items():
         os.environ.setdefault(k, v)
+    pin_inductor_cache()

@@ -151,8 +151,9 @@ def build_engine(cfg: Config, model_path: str, world: int) -> Engine:
     lc = cfg.learner
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     dsc = ds_config(cfg, world)
-    # ZeRO-3: HfDeepSpeedConfig makes from_pretrained partition the weights while loading (PLATFORM.md);
-    # it must be gone before any other from_pretrained (the reference), which would become a collective.
+    # ZeRO-3: HfDeepSpeedConfig makes from_pretrained partition the weights while loading
+    # (docs/platform.md "ZeRO-3 and from_pretrained"); it must be gone before any other from_pretrained
+    # (the reference), which would become a collective.
     hf_ds = HfDeepSpeedConfig(dsc) if lc.zero_stage == 3 else None
     try:
         lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)

@@ -15,6 +15,8 @@ fuses each chunk's forward into one kernel (a max pass, then one pass for exp, b
 with no [chunk, V] temporary, and the backward into one write per element, which is what makes the
 entropy nearly free next to the log-normaliser. If compilation is impossible on this machine
 (no C++ compiler) the same functions run eagerly after a logged warning; FORKRL_COMPILE=0 forces eager.
+The compiled code is cached per vector ISA (`cluster.runtime.pin_inductor_cache`): inductor's own cache
+would hand an AVX-512 kernel to an AVX2 process, which then writes past its buffers.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+
+from cluster.runtime import pin_inductor_cache
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,7 @@ def _kernels(compiled: bool | None) -> _Kernels:
         return _EAGER
     if _compiled is None and not _compile_failed:
         try:
+            pin_inductor_cache()   # a cache shared across vector ISAs serves kernels of the wrong width
             k = _Kernels(*(torch.compile(f, dynamic=True) for f in _EAGER))
             _smoke(k)
             _compiled = k

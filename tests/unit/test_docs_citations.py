@@ -98,7 +98,7 @@ def test_every_platform_citation_names_an_existing_heading(files):
     headings = platform_headings()
     bad = []
     for name, text in files:
-        if name == "docs/platform.md":
+        if name in ("docs/platform.md", "tests/unit/test_docs_citations.py"):   # the doc; this file's examples
             continue
         for m in PLAT_CITE.finditer(text):
             where = f"{name}:{line_of(text, m.start())}"

@@ -1,6 +1,11 @@
 """learner.tokenstats against a float64 log_softmax reference, through the production (compiled) kernels."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,3 +214,61 @@ def test_without_a_compiler_it_warns_and_runs_eagerly(monkeypatch, caplog):
     torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=2e-5)
     with pytest.raises(RuntimeError, match="torch.compile failed"):
         token_stats(logits, tokens, compiled=True)   # forcing the compiled kernels surfaces the failure
+
+
+# A subprocess per CPU capability, all sharing one FORKRL_CACHE: inductor's own cache does not key the C++ it
+# generates by vector ISA, so without one directory per ISA the second process reloads a kernel written for
+# another vector width and gets garbage, NaN or heap corruption (tokenstats module doc).
+_PROBE = r"""
+import json, os, torch
+from cluster.runtime import setup_env
+setup_env()
+from learner import tokenstats
+g = torch.Generator().manual_seed(0)
+x = torch.randn(37, 101, generator=g) * 3   # chunk views of a larger tensor, rows not a multiple of 16
+tok = torch.randint(0, 101, (37,), generator=g)
+lp, h = tokenstats.token_stats(x.clone().requires_grad_(), tok, chunk=8, compiled=True)
+ls64 = torch.log_softmax(x.double(), -1)
+lp64, h64 = ls64.gather(-1, tok[:, None]).squeeze(-1), -(ls64.exp() * ls64).sum(-1)
+ls32 = torch.log_softmax(x, -1)  # the float32 noise of the obvious computation bounds the kernel's error
+lp32, h32 = ls32.gather(-1, tok[:, None]).squeeze(-1), -(ls32.exp() * ls32).sum(-1)
+err = lambda a, b: float((a.double() - b).abs().max())
+print(json.dumps({"cap": torch.backends.cpu.get_cpu_capability(), "backend": tokenstats.backend(),
+                  "lp": err(lp, lp64), "h": err(h, h64), "lp32": err(lp32, lp64), "h32": err(h32, h64),
+                  "cache": os.environ["TORCHINDUCTOR_CACHE_DIR"]}))
+"""
+
+
+def _capabilities() -> list[str]:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    caps = ["default"]
+    if "avx2" in flags:
+        caps.append("avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        caps.append("avx512")
+    return caps
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs /proc/cpuinfo (Linux)")
+def test_compiled_kernels_are_right_under_every_cpu_capability_sharing_one_cache(tmp_path):
+    caps = _capabilities()
+    order = caps[::-1] + caps[1:]    # best first, down to default, back up: every switch reuses the cache
+    seen = {}
+    for cap in order:
+        env = {**os.environ, "FORKRL_CACHE": str(tmp_path), "ATEN_CPU_CAPABILITY": cap, "FORKRL_COMPILE": "1"}
+        env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0, (cap, proc.stderr[-2000:])
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["cap"].lower() == cap and r["backend"] == "compiled", r
+        # 16x the float32 reference's own error: the kernel's summation order differs, its precision does not
+        assert r["lp"] <= 16 * r["lp32"] + 1e-7 and r["h"] <= 16 * r["h32"] + 1e-7, r
+        seen.setdefault(cap, r["cache"])
+        assert seen[cap] == r["cache"]
+    assert len(set(seen.values())) == len(caps)   # one compile cache per capability
