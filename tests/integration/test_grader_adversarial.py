@@ -34,6 +34,12 @@ CASES = [
     ("countdown-deep-parens", "countdown", "Answer: " + "(" * 10_000 + "8*3" + ")" * 10_000, None),
     ("countdown-code", "countdown", "Answer: __import__('os').system('echo pwned')", None),
     ("countdown-huge-numbers", "countdown", "Answer: " + "9" * 5000 + "*" + "9" * 5000, None),
+    # reward hacks that were paid against the gold "1" before docs/rewards.md (a few of its red-team table)
+    ("hedged-boxes", "math", "\\boxed{2} or maybe \\boxed{1}", None),
+    ("adjacent-numbers", "math", "\\boxed{1 0}", None),              # latex2sympy reads 1 + 0
+    ("equation-of-numbers", "math", "\\boxed{0 = 1}", None),         # math-verify paid the right-hand side
+    ("numeric-expression", "arith", "Answer: 2-1", None),             # the last number was the answer
+    ("numeric-phantom", "arith", "\\boxed{\\phantom{1}}", None),
 ]
 HONEST = {"math": "\\boxed{1}", "arith": "Answer: 1", "countdown": "Answer: 8*3"}
 
