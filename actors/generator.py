@@ -163,20 +163,13 @@ class _HFEngine:
     def generate(self, prompt_ids: list[list[int]], s: Sampling) -> list[list[_Sample]]:
         import torch
 
-        width = max(map(len, prompt_ids))
-        ids = torch.full((len(prompt_ids), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        greedy = s.temperature == 0
+        from cluster.data.sampling import cut_at_eos, hf_sample, left_pad
+
         with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=not greedy, num_return_sequences=s.n,
-                temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p, top_k=0,
-                max_new_tokens=s.max_new_tokens, eos_token_id=sorted(self.eos), pad_token_id=self.pad,
-                output_scores=True, return_dict_in_generate=True)
-            seqs = out.sequences[:, width:]
+            out = hf_sample(self.model, left_pad(prompt_ids, self.pad), temperature=s.temperature, top_p=s.top_p,
+                            n=s.n, max_new_tokens=s.max_new_tokens, eos_token_id=sorted(self.eos),
+                            pad_token_id=self.pad, scores=True)
+            seqs = out.tokens
             # scores are after temperature/top-p: their log_softmax is the sampling distribution
             lps = torch.stack([sc.float().log_softmax(-1).gather(-1, seqs[:, t, None])[:, 0]
                                for t, sc in enumerate(out.scores)], 1)
@@ -184,11 +177,8 @@ class _HFEngine:
         for i in range(len(prompt_ids)):
             samples = []
             for j in range(i * s.n, (i + 1) * s.n):
-                toks = seqs[j].tolist()
-                end = next((k + 1 for k, t in enumerate(toks) if t in self.eos), None)
-                reason = "length" if end is None else "stop"
-                toks = toks[:end]
-                samples.append(_Sample(toks, lps[j, :len(toks)].tolist(), reason,
+                toks, stopped = cut_at_eos(seqs[j].tolist(), self.eos)
+                samples.append(_Sample(toks, lps[j, :len(toks)].tolist(), "stop" if stopped else "length",
                                        self.tokenizer.decode(toks, skip_special_tokens=True)))
             groups.append(samples)
         return groups

@@ -146,6 +146,7 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
                      max_new_tokens: int = 64, split: str = "eval") -> float:
     """Accuracy of one temperature-T sample per problem of `split` (transformers generate, exact answer)."""
     from cluster.config import DataConfig
+    from cluster.data.sampling import hf_sample
     from cluster.data.tasks import render_text, synthetic_problems
 
     cfg = DataConfig(task=task)
@@ -154,10 +155,9 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
     enc = tokenizer([render_text(p, tokenizer, cfg) for p in probs], return_tensors="pt", padding=True,
                     add_special_tokens=False)
     torch.manual_seed(seed)
-    out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = hf_sample(model, enc, temperature=temperature, max_new_tokens=max_new_tokens,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
     return sum(t.rsplit("Answer:", 1)[-1].strip() == p.solution.rsplit("Answer:", 1)[-1].strip()
                for t, p in zip(texts, probs)) / n
 

@@ -629,6 +629,7 @@ def _sample_entropies(model_path: Path, problems, data_cfg, n_samples: int, temp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cluster.data.sampling import cut_at_eos, hf_sample
     from cluster.data.tasks import render_text
     from learner.tokenstats import token_stats
 
@@ -644,18 +645,16 @@ def _sample_entropies(model_path: Path, problems, data_cfg, n_samples: int, temp
     with torch.no_grad():
         for i in range(0, len(texts), batch):
             enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tok.pad_token_id,
-                                 output_logits=True, return_dict_in_generate=True)
-            seqs = gen.sequences[:, enc["input_ids"].shape[1]:]
+            gen = hf_sample(model, enc, temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                            pad_token_id=tok.pad_token_id, logits=True)
+            seqs = gen.tokens
             logits = torch.stack(gen.logits, 1)            # [B, L, V] raw logits of each sampled position
             log.info("entropy-patterns: %s: sampled %d/%d responses", model_path.name, i + len(seqs), len(texts))
             for b in range(seqs.shape[0]):
-                ids = seqs[b]
-                stop = (ids == eos).nonzero()
-                n = int(stop[0]) + 1 if len(stop) else ids.shape[0]  # the EOS itself is a sampled token
-                _, ent = token_stats(logits[b, :n], ids[:n], temperature, compiled=False)
-                out.append((ids[:n].tolist(), ent.double().numpy()))
+                ids, _ = cut_at_eos(seqs[b].tolist(), (eos,))
+                n = len(ids)
+                _, ent = token_stats(logits[b, :n], seqs[b, :n], temperature, compiled=False)
+                out.append((ids, ent.double().numpy()))
     return tok, out
 
 
