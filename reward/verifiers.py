@@ -225,7 +225,8 @@ _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ(?![A-Za-z])|\\degree(?![A-
 _INT = r"(?:[1-9]\d{0,2}(?:,\d{3})+|[1-9]\d{0,2}(?:\{,\}\d{3})+|[1-9]\d{0,2}(?: \d{3})+|\d+)"
 _UNSIGNED = re.compile(
     rf"(?P<int>{_INT})?(?:(?<=\d)\{{,\}}(?P<comma>\d+)|\.(?P<frac>\d+))?"
-    r"(?:[eE](?P<e1>[-+]?\d{1,6})|\s*(?:\\times|\\cdot|×|·|\*)\s*10\s*\^\s*(?:\{\s*(?P<e2>[-+]?\d{1,6})\s*\}|(?P<e3>\d)))?",
+    r"(?:[eE](?P<e1>[-+]?\d{1,6})"
+    r"|\s*(?:\\times|\\cdot|×|·|\*)\s*10\s*\^\s*(?:\{\s*(?P<e2>[-+]?\d{1,6})\s*\}|(?P<e3>\d)))?",
     re.ASCII)
 _TEXFRAC = re.compile(r"\\[dtc]?frac\s*(?:\{(?P<a>[^{}]*)\}|(?P<a1>\d))\s*(?:\{(?P<b>[^{}]*)\}|(?P<b1>\d))", re.ASCII)
 _MIXED = re.compile(r"(?P<w>\d+)\s*(?P<f>\\[dtc]?frac.*|\d+\s*/\s*\d+)", re.ASCII)
@@ -319,8 +320,8 @@ def number_text(s: str) -> str | None:
 def _lhs_ok(lhs: str) -> bool:
     """'x' or '10 - 3' may stand before '= 7'; a number ('6 = 7'), a list or a bound may not."""
     lhs = lhs.strip()
-    return not lhs or (not _LHS_BAD.search(lhs) and numeric_value(lhs) is None
-                       and not HEDGE_WORDS.intersection(re.findall(r"[a-z]+", re.sub(r"\\[A-Za-z]+", " ", lhs).lower())))
+    words = re.findall(r"[a-z]+", re.sub(r"\\[A-Za-z]+", " ", lhs).lower())  # LaTeX commands are not words
+    return not lhs or (not _LHS_BAD.search(lhs) and numeric_value(lhs) is None and not HEDGE_WORDS.intersection(words))
 
 
 def numeric_value(s: str | None) -> Fraction | None:

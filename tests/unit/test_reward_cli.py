@@ -96,8 +96,10 @@ ISSUE_COMMANDS = [
     (["--task", "numeric", "--answer", "12"], ["\\boxed{\\frac12}"], [0]),
     (["--task", "numeric", "--answer", "0.5"], ["\\boxed{\\frac12}"], [1]),
     (["--task", "numeric", "--answer", "10"], ["\\boxed{0x10}"], [0]),
-    (["--task", "math", "--answer", "\\frac{1}{\\text{e}}"], ["\\boxed{\\frac{1}{\\text{e}^2}}", "\\boxed{e^{-1}}"], [0, 1]),
-    (["--task", "math", "--answer", "\\sqrt{\\mathrm{e}}"], ["\\boxed{\\sqrt{\\mathrm{e}+1}}", "\\boxed{\\sqrt{e}}"], [0, 1]),
+    (["--task", "math", "--answer", "\\frac{1}{\\text{e}}"],
+     ["\\boxed{\\frac{1}{\\text{e}^2}}", "\\boxed{e^{-1}}"], [0, 1]),
+    (["--task", "math", "--answer", "\\sqrt{\\mathrm{e}}"],
+     ["\\boxed{\\sqrt{\\mathrm{e}+1}}", "\\boxed{\\sqrt{e}}"], [0, 1]),
     (["--task", "math", "--answer", "\\boxed{1}\\boxed{2}"],
      ["\\boxed{2}", "\\boxed{1}\\boxed{2}", "\\boxed{2} and \\boxed{1}", "\\boxed{1, 2}"], [0, 1, 1, 1]),
     (["--task", "math", "--answer", "1000"], ["\\boxed{1 000}", "\\boxed{1\\,000}", "\\boxed{1{,}000}"], [1, 1, 1]),
@@ -146,5 +148,6 @@ def test_help_documents_fields_exit_codes_and_the_cap():
     out = subprocess.run([FORKRL, "grade", "--help"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "COLUMNS": "200"}).stdout
     for word in ("line", "reward", "answer", "correct", "seconds", "reason", "error", "cluster", "label", "votes",
-                 "Exit codes", "0 every line graded", "1 some lines", "2 a bad option", f"{MAX_ANSWER_CHARS} characters"):
+                 "Exit codes", "0 every line graded", "1 some lines", "2 a bad option",
+                 f"{MAX_ANSWER_CHARS} characters"):
         assert word in out, word

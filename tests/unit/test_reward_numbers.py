@@ -27,7 +27,8 @@ GRAMMAR = [
     ("1/2", F(1, 2), "slash"), ("-3/4", F(-3, 4), "signed slash"), ("3 / 4", F(3, 4), "spaced slash"),
     ("1/0", None, "division by zero"), ("1/2/3", None, "two slashes"), ("\\frac{3}{4}", F(3, 4), "frac"),
     ("\\dfrac{3}{4}", F(3, 4), "dfrac"), ("\\tfrac{3}{4}", F(3, 4), "tfrac"), ("\\frac12", F(1, 2), "frac12"),
-    ("\\frac1{2}", F(1, 2), "half-braced"), ("\\frac{-1}{2}", F(-1, 2), "sign inside"), ("-\\frac{1}{2}", F(-1, 2), "sign"),
+    ("\\frac1{2}", F(1, 2), "half-braced"), ("\\frac{-1}{2}", F(-1, 2), "sign inside"),
+    ("-\\frac{1}{2}", F(-1, 2), "sign"),
     ("\\frac{1.5}{3}", F(1, 2), "decimal in frac"), ("\\frac{1}{0}", None, "zero denominator"),
     ("\\frac123", None, "three digits"), ("\\frac{x}{2}", None, "variable"), ("3\\frac{1}{2}", F(7, 2), "mixed"),
     ("3 \\frac{1}{2}", F(7, 2), "mixed, space"), ("-3\\frac{1}{2}", F(-7, 2), "negative mixed"),
@@ -38,8 +39,10 @@ GRAMMAR = [
     ("2^{10}", None, "power"), ("3\\times 10", None, "no exponent"), ("50\\%", F(1, 2), "percent"),
     ("50%", F(1, 2), "percent"), ("12.5 percent", F(1, 8), "percent word"), ("50 per cent", F(1, 2), "per cent"),
     ("\\frac{1}{2}\\%", F(1, 200), "percent of a fraction"), ("50\\%\\%", None, "two percents"),
-    ("$18", F(18), "dollar"), ("\\$18", F(18), "escaped dollar"), ("-$5", F(-5), "minus dollar"), ("$-5", F(-5), "dollar minus"),
-    ("€5", F(5), "euro"), ("5 €", F(5), "euro after"), ("USD 12", F(12), "currency word"), ("18 dollars", F(18), "unit word"),
+    ("$18", F(18), "dollar"), ("\\$18", F(18), "escaped dollar"), ("-$5", F(-5), "minus dollar"),
+    ("$-5", F(-5), "dollar minus"),
+    ("€5", F(5), "euro"), ("5 €", F(5), "euro after"), ("USD 12", F(12), "currency word"),
+    ("18 dollars", F(18), "unit word"),
     ("72 apples", F(72), "unit word"), ("5 \\text{ cm}", F(5), "text unit"), ("5\\mathrm{kg}", F(5), "mathrm unit"),
     ("5 km/h", F(5), "compound unit"), ("5 cm^2", F(5), "unit power"), ("30^\\circ", F(30), "degrees"),
     ("30^{\\circ}", F(30), "degrees braced"), ("30°C", F(30), "celsius"), ("5 million", F(5000000), "multiplier"),
@@ -57,7 +60,8 @@ GRAMMAR = [
     ("400 \\pm 1", None, "plus-minus"), ("1 2", None, "two numbers"), ("3.5.2", None, "two points"),
     ("١٢", None, "Arabic-Indic digits"), ("۵", None, "Persian digits"), ("１２", None, "full-width digits"),
     ("1٢", None, "mixed scripts"), ("", None, "empty"), ("five", None, "word"), ("\\phantom{5}", None, "invisible"),
-    ("5.", None, "a bare trailing point (clean_answer strips a final period)"), ("9" * (MAX_ANSWER_CHARS + 1), None, "too long"),
+    ("5.", None, "a bare trailing point (clean_answer strips a final period)"),
+    ("9" * (MAX_ANSWER_CHARS + 1), None, "too long"),
 ]
 
 
@@ -119,7 +123,8 @@ def test_math_refuses_what_it_would_misread(text, why):
     assert not math_equal("3", text) or text == "3"
 
 
-@pytest.mark.parametrize("text", ["\\log_2 8", "2^3 4", "x^{2} 3", "2(x+1)", "(2+1)(3)", "x=1, y=2", "\\frac{1}{\\text{e}}",
+@pytest.mark.parametrize("text", ["\\log_2 8", "2^3 4", "x^{2} 3", "2(x+1)", "(2+1)(3)", "x=1, y=2",
+                                  "\\frac{1}{\\text{e}}",
                                   "3\\sqrt{2} \\text{ cm}", "\\begin{pmatrix}1 & 2\\\\3 & 4\\end{pmatrix}"])
 def test_math_reads_what_is_fine(text):
     assert prepare_math(text) is not None and math_value(text) is not None
