@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from reward.verifiers import math_equal, safe_run_job
 
-    math_equal("1", "\\frac{2}{2}")  # import sympy and math-verify's parsers before saying ready
+    # Import sympy, latex2sympy and math-verify before saying ready (two numbers would not need them).
+    math_equal("x+1", "1+x")
     _limit_resources(args.timeout, args.memory_mb)
     # The protocol owns file descriptor 1; anything a library prints goes to stderr instead of being
     # read as a result.
