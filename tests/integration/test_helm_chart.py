@@ -114,18 +114,21 @@ def test_lint_has_no_warnings(values_file):
 
 # ------------------------------------------------------------------- render + vendored-schema validation
 
-CASES = {
+CASES = {  # the default monitoring.enabled "auto" renders no monitor: the render has no prometheus-operator API
     "defaults": ({}, {"ConfigMap", "Secret", "Service", "StatefulSet", "NetworkPolicy",
-                      "PersistentVolumeClaim", "RayJob", "PodMonitor"}),
-    "external-redis.yaml": (None, {"ConfigMap", "PersistentVolumeClaim", "RayJob", "PodMonitor"}),
+                      "PersistentVolumeClaim", "RayJob"}),
+    "external-redis.yaml": (None, {"ConfigMap", "Secret", "PersistentVolumeClaim", "RayJob"}),
     "raycluster.yaml": (None, {"ConfigMap", "Secret", "Service", "StatefulSet", "NetworkPolicy",
-                               "PersistentVolumeClaim", "RayCluster", "Job", "PodMonitor"}),
+                               "PersistentVolumeClaim", "RayCluster", "Job"}),
     "monitoring-off.yaml": (None, {"ConfigMap", "Secret", "Service", "StatefulSet", "NetworkPolicy",
                                    "PersistentVolumeClaim", "RayJob"}),
-    "redis-persistence.yaml": (None, {"ConfigMap", "Service", "StatefulSet", "NetworkPolicy",
+    "redis-persistence.yaml": (None, {"ConfigMap", "Secret", "Service", "StatefulSet", "NetworkPolicy",
                                       "PersistentVolumeClaim", "RayJob", "ServiceMonitor"}),
     "qwen3-8b-top20.yaml": (None, {"ConfigMap", "Secret", "Service", "StatefulSet", "NetworkPolicy",
-                                   "PersistentVolumeClaim", "RayJob", "PodMonitor"}),
+                                   "PersistentVolumeClaim", "RayJob"}),
+    "podmonitor": ({"monitoring": {"enabled": True}}, {"ConfigMap", "Secret", "Service", "StatefulSet",
+                                                       "NetworkPolicy", "PersistentVolumeClaim", "RayJob",
+                                                       "PodMonitor"}),
 }
 
 
@@ -286,7 +289,7 @@ def test_redis_persistence_and_servicemonitor(chart):
     assert "--appendonly yes" in redis["args"][0] and "volumes" not in sts["spec"]["template"]["spec"]
     (pw,) = [e for e in redis["env"] if e["name"] == "REDIS_PASSWORD"]
     assert pw["valueFrom"]["secretKeyRef"] == {"name": "forkrl-redis-password", "key": "redis-password"}
-    assert "Secret" not in by_kind(docs)  # an existing Secret is used, none generated
+    assert [d["metadata"]["name"] for d in by_kind(docs)["Secret"]] == [f"{FULLNAME}-ray-token"]  # no password made
 
     # The ServiceMonitor selects the metrics Service, which selects the head pod's metrics port.
     sm = one(docs, "ServiceMonitor")
@@ -299,7 +302,7 @@ def test_redis_persistence_and_servicemonitor(chart):
 
 
 def test_podmonitor_selects_only_the_head_pod(chart):
-    docs = render(chart, {})
+    docs = render(chart, {"monitoring": {"enabled": True}})
     pm = one(docs, "PodMonitor")
     sel = pm["spec"]["selector"]["matchLabels"]
     spec = cluster_spec(docs)
@@ -324,9 +327,14 @@ def test_redis_is_reachable_only_from_the_release(chart):
 
 # ------------------------------------------------------------------------------------------- secrets
 
+def redis_secret(docs: list[dict]) -> dict:
+    (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == f"{FULLNAME}-redis"]
+    return secret
+
+
 def test_password_only_in_its_secret(chart):
     docs = render(chart, {})
-    secret = one(docs, "Secret")
+    secret = redis_secret(docs)
     password = base64.b64decode(secret["data"]["password"]).decode()
     assert len(password) == 32 and password.isalnum()
     others = [d for d in docs if d is not secret]
@@ -336,8 +344,58 @@ def test_password_only_in_its_secret(chart):
         assert env["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "password"}
         assert all("value" not in e for e in c["env"] if "PASSWORD" in e["name"])
     # Two installs draw two passwords (nothing hard-coded).
-    again = base64.b64decode(one(render(chart, {}), "Secret")["data"]["password"]).decode()
+    again = base64.b64decode(redis_secret(render(chart, {}))["data"]["password"]).decode()
     assert again != password
+
+
+def test_ray_token_authenticates_every_ray_process_and_submitter(chart):
+    for values in ({}, example("raycluster.yaml")):
+        docs = render(chart, values)
+        (secret,) = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == f"{FULLNAME}-ray-token"]
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        assert len(token) == 48 and token.isalnum()
+        assert all(token not in yaml.safe_dump(d) for d in docs if d is not secret)
+        kinds = by_kind(docs)
+        if "RayJob" in kinds:
+            submitters = one(docs, "RayJob")["spec"]["submitterPodTemplate"]["spec"]["containers"]
+        else:
+            submitters = one(docs, "Job")["spec"]["template"]["spec"]["containers"]
+        for c in ray_containers(docs) + submitters:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                                          "key": "token"}, c["name"]
+        head = cluster_spec(docs)["headGroupSpec"]["rayStartParams"]
+        assert head["dashboard-host"] == "0.0.0.0"   # reachable by the submitter, which holds the token
+    assert base64.b64decode([d for d in render(chart, {}) if d["kind"] == "Secret" and d["metadata"]["name"]
+                             == f"{FULLNAME}-ray-token"][0]["data"]["token"]).decode() != token
+
+
+@pytest.mark.parametrize("case", ["defaults", "raycluster.yaml", "podmonitor"])
+def test_ray_pods_carry_no_label_old_kuberay_rejects(chart, case):
+    """KubeRay < 1.2 copies a Ray pod's labels onto the head Service and looks it up by
+    app.kubernetes.io/name=kuberay (kuberay #2147): a Ray pod template must not set app.kubernetes.io/name."""
+    docs = render(chart, case_values(case))
+    spec = cluster_spec(docs)
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    if "RayJob" in by_kind(docs):
+        pods.append(one(docs, "RayJob")["spec"]["submitterPodTemplate"])
+    for pod in pods:
+        labels = pod["metadata"]["labels"]
+        assert not [k for k in labels if k.startswith("app.kubernetes.io/")], labels
+        assert labels["forkrl.io/release"] == RELEASE
+
+
+def test_monitoring_auto_renders_no_monitor_without_the_operator_api(chart):
+    # `helm install` on a cluster without prometheus-operator's CRDs must not fail on a PodMonitor;
+    # explicit true still renders it (and kind ServiceMonitor its Service too)
+    assert not {"PodMonitor", "ServiceMonitor"} & set(by_kind(render(chart, {})))
+    assert "PodMonitor" in by_kind(render(chart, {"monitoring": {"enabled": True}}))
+    sm = by_kind(render(chart, {"monitoring": {"enabled": True, "kind": "ServiceMonitor"}}))
+    assert "ServiceMonitor" in sm and f"{FULLNAME}-metrics" in [d["metadata"]["name"] for d in sm["Service"]]
+    assert not {"PodMonitor", "ServiceMonitor"} & set(by_kind(render(chart, {"monitoring": {"enabled": False}})))
+    with pytest.raises(helm.HelmError, match="monitoring"):
+        render(chart, {"monitoring": {"enabled": "yes"}})
 
 
 def test_password_in_config_is_refused(chart):

@@ -22,6 +22,19 @@ app.kubernetes.io/name: {{ include "forkrl.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Labels of every pod of the release, the Ray pods included. The Ray pod templates carry no
+     app.kubernetes.io/* label: KubeRay < 1.2 copies a Ray pod's labels onto the head Service and then looks
+     the Service up by app.kubernetes.io/name=kuberay, so a RayJob whose pods set app.kubernetes.io/name
+     never starts (kuberay #2147). */}}
+{{- define "forkrl.podLabels" -}}
+forkrl.io/release: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The Secret holding the Ray cluster's authentication token (RAY_AUTH_MODE=token). */}}
+{{- define "forkrl.rayTokenSecret" -}}
+{{- printf "%s-ray-token" (include "forkrl.fullname" .) -}}
+{{- end -}}
+
 {{- define "forkrl.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "forkrl.selectorLabels" . }}
@@ -88,13 +101,27 @@ password
 {{- end -}}
 {{- end -}}
 
-{{/* Environment of every Ray container: the queue password from its Secret, plus forkrl.env. */}}
+{{/* Ray's token authentication, for every Ray container and every `ray job submit`: the dashboard
+     and job API listen on the pod network, and answer only requests that carry the token. */}}
+{{- define "forkrl.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "forkrl.rayTokenSecret" . }}
+      key: token
+{{- end -}}
+
+{{/* Environment of every Ray container: the queue password from its Secret, the Ray token, plus
+     forkrl.env. */}}
 {{- define "forkrl.env" -}}
 - name: FORKRL_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "forkrl.redisSecretName" . }}
       key: {{ include "forkrl.redisSecretKey" . }}
+{{ include "forkrl.rayAuthEnv" . }}
 {{- with .Values.forkrl.env }}
 {{ toYaml . }}
 {{- end }}
@@ -175,8 +202,8 @@ headGroupSpec:
   template:
     metadata:
       labels:
-        {{- include "forkrl.selectorLabels" . | nindent 8 }}
-        app.kubernetes.io/component: ray-head
+        {{- include "forkrl.podLabels" . | nindent 8 }}
+        forkrl.io/component: ray-head
         {{- with .Values.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -226,8 +253,8 @@ workerGroupSpecs:
     template:
       metadata:
         labels:
-          {{- include "forkrl.selectorLabels" $root | nindent 10 }}
-          app.kubernetes.io/component: ray-worker
+          {{- include "forkrl.podLabels" $root | nindent 10 }}
+          forkrl.io/component: ray-worker
           {{- with $root.Values.podLabels }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
