@@ -201,3 +201,25 @@ def test_countdown_long_and_deep_expressions_are_read_without_recursion():
     assert countdown_check(deep, [3, 8], 24)[0] and countdown_check(deep, [3], 24)[2].startswith("uses a number")
     ok, key, reason = countdown_check("+".join(["1"] * n), [1] * (n - 1), n)
     assert not ok and reason.startswith("uses a number")
+
+
+_ALPHABET = st.sampled_from(list("0123456789+-*/^_(){}[]\\ =.,;:$%~xeEAnswerboxdtfac\n\x00\ud800é٥５½²°€") +
+                            ["\\frac", "\\boxed{", "\\text{", "\\phantom{", "\\times", "10^", "{,}", "\\,", "Answer: ",
+                             "####", "<answer>", "</answer>", "\\%", "\\approx", "\\left(", "\\right)"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(parts=st.lists(_ALPHABET, max_size=80))
+def test_pure_readers_never_raise(parts):
+    from reward.verifiers import countdown_expression, extract_final, final_statements
+
+    text = "".join(parts)
+    final_statements(text)
+    answer = extract_final(text)
+    for s in (text, answer or ""):
+        v = numeric_value(s)
+        assert v is None or isinstance(v, Fraction)
+        assert (numeric_key(s) is None) == (v is None)
+        prepare_math(s)
+        countdown_eval(s)
+        countdown_expression(s)
