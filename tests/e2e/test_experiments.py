@@ -14,8 +14,10 @@ import pytest
 import torch
 import yaml
 
-from cluster.tools.experiments import (ExperimentError, SPEC_DIR, _sample_entropies, collapse_fit_run, load_spec,
-                                  run_experiment)
+from cluster.tools.experiments import run_experiment
+from cluster.tools.experiments.analyses import collapse_fit_run
+from cluster.tools.experiments.entropy_patterns import _sample_entropies
+from cluster.tools.experiments.spec import SPEC_DIR, ExperimentError, load_spec
 
 NAMES = ("entropy-patterns", "forking-tokens", "entropy-mechanism", "collapse-law", "label-free")
 
