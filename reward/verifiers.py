@@ -524,7 +524,8 @@ def prepare_math(s: str) -> str | None:
         words = s[arg:end].split()
         if not all(re.fullmatch(_UNIT, w) for w in words) or not unit_words_ok(words):
             return None
-        s = s[:start]
+        if not _PERCENT_WORDS.intersection(w.lower() for w in words):  # 'x \text{ percent}' is x/100
+            s = s[:start]
     s = drop_commands(s, _TEXTLIKE, keep=True)
     if s is None:
         return None

@@ -136,6 +136,14 @@ def test_math_decimals_are_exact_not_rounded():
     assert math_equal("\\frac{x}{2}", "0.5x") and math_equal("\\frac{3}{10}", "0.1+0.2")
 
 
+def test_percent_rule_is_the_same_in_expressions():
+    assert math_equal("\\frac{\\pi}{100}", "\\pi\\%") and not math_equal("\\pi", "\\pi\\%")
+    assert math_equal("\\frac{x}{100}", "x \\text{ percent}") and not math_equal("x", "x \\text{ percent}")
+    assert math_equal("\\frac{1}{2}", "50\\%") and not math_equal("50", "50\\%") and not math_equal("50\\%", "50")
+    assert numeric_value("50\\%") == numeric_value("0.5") and math_equal("0.5", "(25+25)\\%")
+    assert not math_equal("50", "(25+25)\\%")
+
+
 # ------------------------------------------------------------------------------------------------ countdown
 
 def _tree(rng, numbers, depth):
