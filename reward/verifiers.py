@@ -113,7 +113,8 @@ def _unbox(s: str) -> str | None:
 def final_statements(text: str) -> list[str] | None:
     """Every final-answer statement of a response, cleaned, in order, without repeats: each \\boxed{...},
     each "Answer: ..." line, "#### ..." line and <answer>...</answer> tag (a line or tag holding a box is
-    that box). None when one of them is empty, unclosed or too long: a malformed statement is no answer."""
+    that box; an empty line is not a statement). None when a box or tag is empty, or a statement is unclosed
+    or too long: a malformed statement is no answer."""
     boxes = _boxes(text)
     if boxes is None:
         return None
@@ -124,8 +125,9 @@ def final_statements(text: str) -> list[str] | None:
         return i < len(starts) and starts[i] <= hi
 
     items = [(s, c) for s, _, c in boxes]
-    for pattern in (_ANSWER_LINE, _HASHES):
-        items += [(m.start(), m.group(1)) for m in pattern.finditer(text) if not holds_box(m.start(1), m.end(1))]
+    for pattern in (_ANSWER_LINE, _HASHES):  # an empty line ("Final Answer:" then the box below) is a heading
+        items += [(m.start(), m.group(1)) for m in pattern.finditer(text)
+                  if m.group(1).strip() and not holds_box(m.start(1), m.end(1))]
     items += [(s, c) for s, e, c in _tags(text) if not holds_box(s, e)]
     out: list[str] = []
     for _, content in sorted(items, key=lambda sc: sc[0]):

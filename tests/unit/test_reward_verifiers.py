@@ -74,6 +74,8 @@ def test_math_equivalence_table(gold, pred, equivalent):
     ("so \\boxed{12", None),                   # unclosed
     ("\\boxed{}", None),
     ("Answer:   ", None),
+    ("Final Answer:\n$\\boxed{5}$", "5"),           # an empty Answer line is a heading, not an empty answer
+    ("\\boxed{} then Answer: 5", None),               # an empty box is a malformed statement
     ("\\boxed{" + "1" * (MAX_ANSWER_CHARS + 5) + "}", None),
     ("\\boxed{" + "{" * 10_000 + "}" * 10_000 + "}", None),
     ("\\boxed{}" * 10_000, None),
