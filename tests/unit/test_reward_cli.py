@@ -147,6 +147,7 @@ def test_bad_timeout_is_one_line_and_exit_2(value):
 def test_help_documents_fields_exit_codes_and_the_cap():
     out = subprocess.run([FORKRL, "grade", "--help"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "COLUMNS": "200"}).stdout
+    out = " ".join(out.split())                           # however the help formatter wraps it
     for word in ("line", "reward", "answer", "correct", "seconds", "reason", "error", "cluster", "label", "votes",
                  "Exit codes", "0 every line graded", "1 some lines", "2 a bad option",
                  f"{MAX_ANSWER_CHARS} characters"):
