@@ -155,7 +155,7 @@ def test_generator_grader_sync_and_queue_faults(start_run, tiny_model_dir, tmp_p
 
 def test_run_directory_config_holds_no_password():
     from cluster.config import Config
-    from cluster.driver.system import public_config
+    from cluster.driver.rundir import public_config
 
     for url, want in [("redis://u:s3cret@[::1]:6380/0", "redis://u@[::1]:6380/0"),
                       ("redis://:s3cret@h:1", "redis://h:1"), ("rediss://h:2/1", "rediss://h:2/1"), (None, None)]:
