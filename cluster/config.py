@@ -405,7 +405,12 @@ class Config(Section):
         return self
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a bad field, path or choice): the CLI prints its message as one red line
+    and exits with code 2, no traceback (`forkrl --debug` or FORKRL_DEBUG=1 shows it)."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration problem, with the dotted field it concerns."""
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 from cluster.transport.queue import QueueAddress
 from cluster.transport.sink import QueueSink
 
@@ -38,6 +38,27 @@ def start_ray(cfg: Config) -> tuple[bool, bool]:
     ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
              dashboard_host=cfg.cluster.dashboard_host)
     return True, True
+
+
+def check_local_fit(cfg: Config) -> None:
+    """A run that will start its own local Ray knows its CPUs before it asks Ray: actors that cannot all be
+    placed are a ConfigError naming the fields at once (Ray would wait for them until `Actors.start` gives up)."""
+    import ray
+
+    if ray.is_initialized() or cfg.cluster.address or _started_cluster():
+        return  # a cluster's size is the cluster's to say
+    from ray._private.utils import get_num_cpus
+
+    c, r = cfg.cluster, cfg.rollout
+    have = c.num_cpus or get_num_cpus()
+    parts = [(r.num_generators, c.generator_cpus, "rollout.num_generators", "cluster.generator_cpus"),
+             (cfg.learner.num_ranks, c.learner_cpus, "learner.num_ranks", "cluster.learner_cpus"),
+             (cfg.reward.num_graders + 1, c.grader_cpus, "reward.num_graders + 1", "cluster.grader_cpus")]
+    need = sum(n * cpus for n, cpus, _, _ in parts)
+    if need > have:
+        terms = " + ".join(f"{a}={n} x {b}={cpus:g}" for n, cpus, a, b in parts if n * cpus)
+        raise ConfigError(f"{terms} = {need:g} CPUs, but this local run has {have} "
+                          f"({'cluster.num_cpus' if c.num_cpus else 'the machine'}): lower one of them")
 
 
 def _one_node() -> bool:

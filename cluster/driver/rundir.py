@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.config import Config, dump_config, load_config
+from cluster.config import Config, ConfigError, dump_config, load_config, parse_overrides
 
 log = logging.getLogger("forkrl")
 
@@ -56,13 +56,59 @@ def public_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"queue": q.model_copy(update={"password": None, "url": url})})
 
 
+# What `--resume RUN key=value` may change: how long the run goes on and how it is watched, saved and placed,
+# never what the checkpoint was trained with (the model, data, algorithm, batch shapes, learner ranks).
+SAFE_ON_RESUME = ("run.steps", "run.eval_every", "checkpoint.", "metrics.", "cluster.", "sync.timeout_s",
+                  "queue.password", "queue.block_timeout_s", "queue.read_timeout_s", "queue.reconnect_s",
+                  "queue.claim_idle_s", "reward.timeout_s", "reward.worker_memory_mb", "rollout.kv_cache_gib",
+                  "rollout.max_num_seqs", "rollout.threads", "learner.threads")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _unsafe(keys: list[str]) -> list[str]:
+    return [k for k in keys if not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_ON_RESUME)]
+
+
+def _refuse(unsafe: list[str], run_dir: Path) -> ConfigError:
+    return ConfigError(f"--resume {run_dir} cannot change {', '.join(unsafe)} (the checkpoint was trained with "
+                       f"the run's own values); it may change {', '.join(SAFE_ON_RESUME)}")
+
+
+def run_config_path(resume: str | Path) -> Path:
+    run_dir = Path(resume).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {resume}: not a forkrl run directory (no config.yaml)")
+    return run_dir / "config.yaml"
+
+
+def resume_config(resume: str | Path, overrides: list[str]) -> Config:
+    """The run's own config with the overrides applied: the safe ones (SAFE_ON_RESUME); any other is a
+    ConfigError naming it (an override is never silently ignored)."""
+    path = run_config_path(resume)
+    unsafe = _unsafe(list(_flat(parse_overrides(overrides))))
+    if unsafe:
+        raise _refuse(unsafe, path.parent)
+    return load_config(path, overrides)
+
+
 def open_run_dir(cfg: Config, resume: str | None) -> tuple[Config, Path]:
-    """A new run directory holding cfg, or (on --resume) the existing one and the config it holds."""
+    """A new run directory holding cfg, or (on --resume) the existing one, cfg being its config with safe
+    changes only (`resume_config`); the run's config.yaml then records them."""
     if resume:
-        run_dir = Path(resume).resolve()
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a forkrl run directory (no config.yaml)")
-        return load_config(run_dir / "config.yaml"), run_dir
+        path = run_config_path(resume)
+        saved = _flat(load_config(path).model_dump(mode="json"))
+        now = _flat(public_config(cfg).model_dump(mode="json"))
+        unsafe = _unsafe([k for k in now if now[k] != saved.get(k)])
+        if unsafe:
+            raise _refuse(unsafe, path.parent)
+        path.write_text(dump_config(public_config(cfg)))
+        return cfg, path.parent
     run_dir = new_run_dir(cfg)
     (run_dir / "config.yaml").write_text(dump_config(public_config(cfg)))
     return cfg, run_dir

@@ -75,7 +75,7 @@ SIZES = {"8b": "Qwen3-8B-Base", "14b": "Qwen3-14B-Base", "32b": "Qwen3-32B-Base"
 
 def check(name: str) -> dict:
     """`forkrl check configs/<name>` through the real CLI; returns the resolved config it prints."""
-    result = CliRunner().invoke(app, ["check", str(CONFIGS / name)])
+    result = CliRunner().invoke(app, ["check", "--remote", str(CONFIGS / name)])   # paths on the cluster
     assert result.exit_code == 0, result.output
     return yaml.safe_load(result.stdout)
 
