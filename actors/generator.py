@@ -80,6 +80,16 @@ def engine_env(r: RolloutConfig) -> dict[str, str]:
     return env
 
 
+def engine_placement(r: RolloutConfig) -> dict[str, Any]:
+    """The LLM(...) arguments that depend on the device: a GPU engine gets `gpu_memory_utilization` (vLLM's
+    start-up check of free memory; the KV cache itself is `kv_cache_memory_bytes` on both devices)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return {}
+    return {"gpu_memory_utilization": r.gpu_memory_utilization}
+
+
 def _eos_ids(model_path: str, tokenizer) -> list[int]:
     """Stop tokens of the checkpoint (generation_config.json) plus the tokenizer's EOS: both engines stop on
     the same set (vLLM is told not to read generation_config for sampling defaults)."""
@@ -101,7 +111,7 @@ class _VLLMEngine:
 
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), block_size=r.block_size,
-                       enforce_eager=r.enforce_eager,
+                       enforce_eager=r.enforce_eager, **engine_placement(r),
                        tensor_parallel_size=r.tensor_parallel_size, max_num_seqs=r.max_num_seqs,
                        logprobs_mode=r.logprobs_mode, worker_extension_cls=EXTENSION,
                        # sampling comes only from our SamplingParams, never from generation_config.json

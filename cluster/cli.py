@@ -131,16 +131,18 @@ def train(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = O
 def check(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = OVERRIDES_ARG,
           remote: bool = typer.Option(False, "--remote", help="the model and data paths are read on the cluster "
                                                                 "(ray job submit): do not look for them here")):
-    """Validate a config, look for its model and data paths, and print it fully resolved.
+    """Validate a config, look for its model and data paths, check a GPU config's per-GPU memory, and print it
+    fully resolved.
 
     Prints the resolved YAML on stdout; a path not looked for is a note on stderr.
     A bad field or a missing path: one red line on stderr, exit code 2.
     """
     from cluster.config import dump_config
     from cluster.data.paths import check_paths
+    from cluster.driver.memory import check_gpu_memory
 
     cfg = _config(config, overrides or [])
-    for note in check_paths(cfg, remote=remote):
+    for note in check_paths(cfg, remote=remote) + check_gpu_memory(cfg):
         typer.secho(note, fg=typer.colors.YELLOW, err=True)
     typer.echo(dump_config(cfg), nl=False)
 

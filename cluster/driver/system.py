@@ -16,6 +16,7 @@ from cluster.config import Config
 from cluster.data.paths import check_paths
 from cluster.data.tasks import PromptStream
 from cluster.driver import recovery
+from cluster.driver.memory import check_gpu_memory
 from cluster.driver.placement import Actors, check_local_fit, start_ray
 from cluster.driver.rundir import RunLog, latest_checkpoint, open_run_dir, run_state, save_checkpoint, write_pids
 from cluster.driver.stepstats import (StepRecord, eval_stats, merge_rank_stats, metrics_line, rollout_stats,
@@ -56,6 +57,7 @@ class System:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         check_paths(cfg)       # a missing model or data file, or actors this machine cannot hold, fail here:
         check_local_fit(cfg)   # before the run directory or any process exists
+        check_gpu_memory(cfg)  # (a GPU config: weights + KV + buffers + learner state per GPU)
         cfg, run_dir = open_run_dir(cfg, resume)
         s = cls(cfg, run_dir, resume=bool(resume))
         try:
