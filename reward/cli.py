@@ -13,8 +13,9 @@ import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-from reward.verifiers import (VERIFIERS, BadInput, countdown_task, gold_answer, parse_countdown_answer,
-                              same_batch_via)
+from reward.countdown import countdown_task, parse_countdown_answer
+from reward.extract import BadInput
+from reward.verifiers import VERIFIERS, gold_answer, same_batch_via
 from reward.vote import cluster_answers, majority
 from reward.worker import WorkerPool
 

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-mb", type=int, default=2048)
     args = ap.parse_args(argv)
 
-    from reward.verifiers import math_equal, safe_run_job
+    from reward.math_answers import math_equal
+    from reward.verifiers import safe_run_job
 
     # Import sympy, latex2sympy and math-verify before saying ready (two numbers would not need them).
     math_equal("x+1", "1+x")

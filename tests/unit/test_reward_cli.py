@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reward.cli import grade_stream
-from reward.verifiers import MAX_ANSWER_CHARS
+from reward.extract import MAX_ANSWER_CHARS
 
 
 def grade(lines, **kw):

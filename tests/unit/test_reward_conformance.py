@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reward.verifiers import parse_countdown_answer
+from reward.countdown import parse_countdown_answer
 from reward.worker import WorkerPool
 
 TABLE = Path(__file__).resolve().parents[1] / "data" / "reward_conformance.jsonl"

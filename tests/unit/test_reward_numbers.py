@@ -9,8 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reward.verifiers import (MAX_ANSWER_CHARS, countdown_check, countdown_eval, math_equal, math_value,
-                              numeric_key, numeric_value, prepare_math)
+from reward.countdown import countdown_check, countdown_eval
+from reward.extract import MAX_ANSWER_CHARS
+from reward.math_answers import math_equal, math_value, prepare_math
+from reward.numbers import numeric_key, numeric_value
 
 F = Fraction
 
@@ -219,7 +221,8 @@ _ALPHABET = st.sampled_from(list("0123456789+-*/^_(){}[]\\ =.,;:$%~xeEAnswerboxd
 @settings(max_examples=400, deadline=None)
 @given(parts=st.lists(_ALPHABET, max_size=80))
 def test_pure_readers_never_raise(parts):
-    from reward.verifiers import countdown_expression, extract_final, final_statements
+    from reward.countdown import countdown_expression
+    from reward.extract import extract_final, final_statements
 
     text = "".join(parts)
     final_statements(text)

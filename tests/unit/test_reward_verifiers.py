@@ -5,9 +5,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.data.tasks import synthetic_problems
-from reward.verifiers import (MAX_ANSWER_CHARS, BadInput, countdown_check, countdown_expression, extract_final,
-                              gold_answer, math_equal, numeric_key, parse_countdown_answer, resolve_verifier,
-                              run_job, safe_run_job, score_response)
+from reward.countdown import countdown_check, countdown_expression, parse_countdown_answer
+from reward.extract import MAX_ANSWER_CHARS, BadInput, extract_final
+from reward.math_answers import math_equal
+from reward.numbers import numeric_key
+from reward.verifiers import gold_answer, resolve_verifier, run_job, safe_run_job, score_response
 
 # The labelled table: (gold, prediction, equivalent?). 70 pairs, 48 equivalent, 22 not.
 EQUIVALENCE_TABLE = [

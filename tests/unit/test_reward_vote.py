@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reward.verifiers import math_equal, run_inline, same_batch_via, score_response
+from reward.math_answers import math_equal
+from reward.verifiers import run_inline, same_batch_via, score_response
 from reward.vote import cluster_answers, majority
 
 
