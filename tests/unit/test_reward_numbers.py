@@ -1,4 +1,4 @@
-"""The number grammar (reward.verifiers.numeric_value), the math verifier's refusals and the countdown
+"""The number grammar (reward.numbers.numeric_value), the math verifier's refusals and the countdown
 evaluator: labelled edge cases, exact round trips of random rationals, and the evaluator against a recursive
 Fraction reference on random expression trees."""
 
