@@ -4,7 +4,8 @@ math-verify's own timeout is SIGALRM, which works only on the main thread of the
 a Ray actor's executor thread) and cannot interrupt a long C-level operation such as a huge integer power.
 So each verification (reward.verifiers.run_job) runs in a child process `python -m reward.worker`:
 - a job that exceeds the timeout gets its worker SIGKILLed and replaced; its result is {"error": "timeout"};
-- a worker that dies (segfault, kill, out of memory) is replaced; its job's result is {"error": "crash"};
+- a worker that dies (segfault, kill, out of memory) is replaced; the job it was running has the result
+  {"error": "crash"}; one that died while idle had no job: the next job runs on its replacement;
 - an exception inside a job is {"error": "<type>"} and the worker keeps going.
 The child limits its own address space (RLIMIT_AS) so a memory blow-up is a MemoryError, not an OOM of the
 node, and its CPU time (RLIMIT_CPU) so that it dies even if its parent died while it was stuck.
@@ -171,6 +172,9 @@ class WorkerPool:
         timer restarts at each result. At most _PIPE_BYTES sit unread in its stdin pipe, so a write never
         blocks; a larger job goes alone, to a worker that is idle and therefore reading."""
         while slot.ready and todo and slot in self._slots:
+            if not slot.inflight and slot.proc.poll() is not None:
+                self._replace(slot, todo)   # died while idle (killed, OOM): no job was in it, none is lost
+                return
             i = todo[0]
             queued = sum(n for _, n in slot.inflight)
             if slot.inflight and (len(slot.inflight) >= _PIPE_JOBS or queued + len(lines[i]) > _PIPE_BYTES):
@@ -183,7 +187,12 @@ class WorkerPool:
                 slot.proc.stdin.write(lines[i])
                 slot.proc.stdin.flush()
             except (BrokenPipeError, OSError):
-                self._died(slot, results, todo)
+                if len(slot.inflight) == 1:   # it was idle and already dead: the job never reached it
+                    slot.inflight.clear()
+                    todo.appendleft(i)
+                    self._replace(slot, todo)
+                else:
+                    self._died(slot, results, todo)
 
     def _died(self, slot: _Slot, results: list, todo: deque) -> None:
         if slot.inflight:

@@ -86,6 +86,21 @@ def test_a_killed_worker_is_a_crash_and_is_replaced():
         assert pool.run([OK])[0]["correct"] is True and pool.pids()[0] != pid
 
 
+@pytest.mark.timeout(120)
+def test_a_worker_killed_while_idle_is_replaced_and_its_next_job_retried():
+    """The job never reached the dead worker (its pipe was already broken or it was seen dead before the
+    job was written): the job runs on the replacement, it is no crash."""
+    with WorkerPool(2, timeout_s=60.0) as pool:
+        pool.wait_ready()
+        dead = pool.pids()
+        for pid in dead:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_gone(dead) == []    # exited (the pool has not reaped them yet)
+        got = pool.run([OK, OK, OK])
+        assert [r.get("error") for r in got] == [None, None, None] and all(r["correct"] for r in got)
+        assert pool.restarts == 2 and not set(pool.pids()) & set(dead)
+
+
 def test_resource_limits_are_applied():
     with WorkerPool(1, timeout_s=2.0, memory_mb=256) as pool:
         pool.wait_ready()
