@@ -14,7 +14,7 @@ PIP     := $(BIN)/python -m pip -q --disable-pip-version-check
 export FORKRL_CACHE ?= $(HOME)/.cache/forkrl
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup debian run test bench clean
+.PHONY: setup debian run test bench clean gpu-smoke
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ run: setup
 
 test: setup debian
 	$(BIN)/python -m pytest -q tests
+
+# The GPU path on a CUDA machine (install with `pip install -e '.[gpu,test]'`, not `make setup`): tiny model
+# and SmolLM2 in bf16 on one GPU, the two-GPU cases where two are visible; skips without a GPU. Under 10 min.
+gpu-smoke:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m pytest -q -m gpu -rs --timeout=540 tests/gpu
 
 # The benchmarks also need the `bench` extra (TRL, the e2e baseline).
 $(BENCH_STAMP): $(STAMP)

@@ -71,10 +71,13 @@ MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 FAULT_HANG_SYNC = "FORKRL_FAULT_HANG_SYNC_AT_VERSION"
 
 
-def engine_env(r: RolloutConfig) -> dict[str, str]:
-    """Process environment of a generator actor (on top of cluster.runtime.runtime_env_vars())."""
+def engine_env(r: RolloutConfig, gpus: float = 0.0) -> dict[str, str]:
+    """Process environment of a generator actor (on top of cluster.runtime.runtime_env_vars()). On CPU with
+    tensor parallelism each rank gets its own core (docs/platform.md "Tensor parallelism on CPU")."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": str(r.threads),
            "VLLM_LOGGING_LEVEL": "WARNING", "GLIBC_TUNABLES": MALLOC_KEEP}
+    if r.tensor_parallel_size > 1 and not gpus:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(k) for k in range(r.tensor_parallel_size))
     if os.environ.get(FAULT_HANG_SYNC):
         env[FAULT_HANG_SYNC] = os.environ[FAULT_HANG_SYNC]
     return env
@@ -85,9 +88,11 @@ def engine_placement(r: RolloutConfig) -> dict[str, Any]:
     start-up check of free memory; the KV cache itself is `kv_cache_memory_bytes` on both devices)."""
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu():
-        return {}
-    return {"gpu_memory_utilization": r.gpu_memory_utilization}
+    tp = r.tensor_parallel_size > 1
+    if current_platform.is_cpu():   # TP workers spawned by vLLM's multiprocessing executor, one core each
+        return {"distributed_executor_backend": "mp"} if tp else {}
+    # TP: vLLM's Ray executor in the actor's placement group, on the bundles VLLM_RAY_BUNDLE_INDICES names
+    return {"gpu_memory_utilization": r.gpu_memory_utilization, **({"distributed_executor_backend": "ray"} if tp else {})}
 
 
 def _eos_ids(model_path: str, tokenizer) -> list[int]:
@@ -213,7 +218,7 @@ class _HFEngine:
         manifest, self._manifest = self._manifest, None
         t0 = time.perf_counter()
         with torch.no_grad():
-            for name, t in self._rx.tensors(manifest):
+            for name, t in self._rx.tensors(manifest, copy=False):   # copied at once
                 self.model.get_parameter(name).copy_(t)   # resolves a tied lm_head to the embedding
         return {"version": manifest.version, "receive_s": self._rx.timing.get("receive_s", float("nan")),
                 "apply_s": time.perf_counter() - t0}
@@ -333,14 +338,14 @@ class Generator:
 
 def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
                     seed: int = 0, max_model_len: int = 512, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                    **actor_options):
+                    gpus: float | None = None, extra_env: dict[str, str] | None = None, **actor_options):
     """Start one generator Ray actor with the engine environment (docs/platform.md "Environment variables of actors") merged into forkrl's;
     actor_options (e.g. a placement-group scheduling_strategy) go to Ray's `.options`."""
     import ray
 
     from cluster.runtime import runtime_env_vars
 
-    env = {**runtime_env_vars(), **engine_env(rollout)}
+    env = {**runtime_env_vars(), **engine_env(rollout, num_gpus if gpus is None else gpus), **(extra_env or {})}
     cls = ray.remote(Generator).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
                                         **actor_options)
     return cls.remote(generator_id, str(model_path), rollout, dtype=dtype, seed=seed, max_model_len=max_model_len)

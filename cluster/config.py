@@ -283,6 +283,12 @@ class LearnerConfig(Section):
     """Passes over the rollout batch (ppo_epochs; N_SGD = mini_batches x epochs)."""
     micro_batch_tokens: int = Field(4096, ge=16)
     """Token budget of one packed micro-batch per rank (padding-free); gradients accumulate over them."""
+    logprob_micro_batch_tokens: int | None = Field(None, ge=16)
+    """Per-rank cap on the memory of the no-grad passes (old log-probs, the reference's, the mini/global
+    mask's entropies): the token budget of one of their micro-batches, which are collated one at a time,
+    so a pass holds the model plus one such micro-batch's activations and [tokens, vocab] logits whatever
+    the step's size. None = micro_batch_tokens. No-grad passes keep no activations for backward, so this
+    can be several times larger (verl: log_prob_max_token_len_per_gpu, ppo_infer_max_token_len_per_gpu)."""
     logits_chunk: int = Field(1024, ge=16)
     """Tokens per chunk of the chunked log-prob/entropy computation (bounds the [chunk, vocab] temporaries)."""
     threads: int = Field(1, ge=1)

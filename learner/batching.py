@@ -6,8 +6,9 @@ log-probs, advantages, masks) in that order, [T] with T = the rank's response to
 
 Shared-prompt rows. The G responses of a group share one prompt, and under a causal mask the prompt's
 hidden states do not depend on what follows it, so a row holds the prompt ONCE followed by its responses,
-each one a segment that attends to the prompt and to itself only (a block attention mask [B, 1, L, L] and
-position ids that restart after the prompt for every segment). That is the same function as G separate
+each one a segment that attends to the prompt and to itself only (position ids that restart after the
+prompt for every segment, and an `attention.AttentionLayout` that says which positions each segment sees:
+learner.attention computes the layout as fused causal attention calls, never an [L, L] mask). That is the same function as G separate
 rows, gradients included, at 1/G of the prompt's cost: on the arithmetic task the prompt is half of the
 tokens of a step. A segment holds its response's tokens except the last (whose hidden state predicts
 nothing); the hidden state at the prompt's last position predicts every response's first token.
@@ -28,6 +29,7 @@ import torch
 
 from cluster.split import split_even
 from cluster.types import ScoredGroup
+from learner.attention import AttentionLayout, build_layout
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Seq:
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor       # [B, L] int64, right-padded
-    attention_mask: torch.Tensor  # [B, 1, L, L] bool, True = query may attend to key (block-causal, see module doc)
+    layout: AttentionLayout       # which positions each segment's queries see (learner.attention; no [L, L] mask)
     position_ids: torch.Tensor    # [B, L] int64, restarting after the prompt for every response segment
     gather: torch.Tensor          # [N] int64 flat index into [B*L] of the positions predicting response tokens
     targets: torch.Tensor         # [N] int64 response tokens
@@ -59,8 +61,9 @@ class MicroBatch:
         return int(self.targets.numel())
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                    self.gather, self.targets, self.seq_ids, self.positions)),
+        return MicroBatch(self.input_ids.to(device), self.layout.to(device),
+                          *(t.to(device) for t in (self.position_ids, self.gather, self.targets, self.seq_ids,
+                                                   self.positions)),
                           self.seqs)
 
 
@@ -166,12 +169,12 @@ def plan_micro_batches(seqs: list[Seq], indices: list[int], budget_tokens: int) 
 
 
 def collate(seqs: list[Seq], rows: list[Row], offsets: list[int], pad_id: int = 0) -> MicroBatch:
-    """The right-padded block of shared-prompt rows, its block-causal mask and position ids, and the flat
-    index of its response-predicting positions (see the module doc)."""
+    """The right-padded block of shared-prompt rows, its attention layout and position ids, and the flat
+    index of its response-predicting positions (see the module doc). Memory O(B * L), no [L, L] term."""
     width = max(row_width(seqs, r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)   # 0 prompt, k+1 response k, -1 padding
+    layout_rows: list[tuple[int, int, list[tuple[int, int]]]] = []   # (row, prompt length, [(start, length)])
     gather, targets, seq_ids, order = [], [], [], []
     for r, row in enumerate(rows):
         p = seqs[row[0]].prompt_len
@@ -179,26 +182,50 @@ def collate(seqs: list[Seq], rows: list[Row], offsets: list[int], pad_id: int = 
             raise ValueError(f"row {r}: sequences {row} do not share one prompt")
         ids[r, :p] = torch.from_numpy(seqs[row[0]].ids[:p])
         pos_ids[r, :p] = torch.arange(p)
-        segment[r, :p] = 0
+        layout_rows.append((r, p, []))
         at = p
-        for k, i in enumerate(row):
+        for i in row:
             s = seqs[i]
             n = s.resp_len - 1   # inputs: the response without its last token
             ids[r, at:at + n] = torch.from_numpy(s.ids[p:p + n])
             pos_ids[r, at:at + n] = torch.arange(p, p + n)
-            segment[r, at:at + n] = k + 1
+            layout_rows[-1][2].append((at, n))
             # response token 0 is predicted at the prompt's last position, token j >= 1 at segment position j-1
             gather.append(r * width + torch.cat([torch.tensor([p - 1]), torch.arange(at, at + n)]))
             targets.append(torch.from_numpy(s.ids[p:]))
             seq_ids.append(torch.full((s.resp_len,), len(order), dtype=torch.long))
             order.append(i)
             at += n
-    q = torch.arange(width)
-    causal = q[None, :] <= q[:, None]                                      # [L(query), L(key)]
-    sq, sk = segment[:, :, None], segment[:, None, :]
-    mask = causal & ((sk == sq) | ((sk == 0) & (sq >= 0)))                 # padding attends only to padding
-    return MicroBatch(ids, mask[:, None], pos_ids, torch.cat(gather), torch.cat(targets), torch.cat(seq_ids),
-                      flat_positions(seqs, order, offsets), order)
+    return MicroBatch(ids, build_layout(layout_rows, width), pos_ids, torch.cat(gather), torch.cat(targets),
+                      torch.cat(seq_ids), flat_positions(seqs, order, offsets), order)
+
+
+class MicroBatches:
+    """The micro-batches of one pass, planned up front and collated (and moved to `device`) one at a time
+    as they are iterated: nothing of the pass's size (step tokens x row width) is ever held, only the
+    current micro-batch. Iterating again collates again. After the plans come `count - len(plans)` Nones
+    (empty passes, so every rank runs the same number of forwards)."""
+
+    def __init__(self, seqs: list[Seq], plans: list[list[Row]], offsets: list[int], pad_id: int,
+                 device: torch.device | str, count: int | None = None):
+        self.seqs, self.plans, self.offsets, self.pad_id, self.device = seqs, plans, offsets, pad_id, device
+        self.count = len(plans) if count is None else count
+        if self.count < len(plans):
+            raise ValueError(f"count {self.count} < {len(plans)} planned micro-batches")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        for p in self.plans:
+            yield collate(self.seqs, p, self.offsets, self.pad_id).to(self.device)
+        for _ in range(self.count - len(self.plans)):
+            yield None
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Response tokens of each planned (non-empty) micro-batch, without collating."""
+        return [sum(self.seqs[i].resp_len for r in p for i in r) for p in self.plans]
 
 
 def split_groups(num_groups: int, parts: int) -> list[list[int]]:

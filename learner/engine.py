@@ -21,6 +21,9 @@ import numpy as np
 import torch
 
 from cluster.config import Config
+from learner.attention import KWARG as ATTN_KWARG
+from learner.attention import AttentionLayout, build_layout
+from learner.attention import register as register_attention
 from learner.batching import MicroBatch
 
 CKPT_TAG = "ds"   # DeepSpeed's tag directory inside a checkpoint directory
@@ -33,11 +36,12 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, layout: AttentionLayout, position_ids: torch.Tensor,
                 gather: torch.Tensor):
-        """attention_mask [B, 1, L, L] bool and position_ids [B, L]: a shared-prompt layout (learner.batching)."""
-        h = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=False)[0]
+        """position_ids [B, L] and `layout`: a shared-prompt block (learner.batching), attended by
+        learner.attention (the model must be loaded with attn_implementation=learner.attention.NAME)."""
+        h = self.lm.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               **{ATTN_KWARG: layout})[0]
         h = h.reshape(-1, h.shape[-1]).index_select(0, gather)
         return self.lm.get_output_embeddings()(h)
 
@@ -129,10 +133,10 @@ class Engine:
         rank must run the same forwards (ZeRO-3 gathers parameters inside each)."""
         if mb is None:
             ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.ones(2, 2, dtype=torch.bool, device=self.device).tril()[None, None]
-            return self.engine(ids, mask, torch.arange(2, device=self.device)[None],
+            return self.engine(ids, build_layout([(0, 2, [])], 2).to(self.device),
+                               torch.arange(2, device=self.device)[None],
                                torch.zeros(1, dtype=torch.long, device=self.device))
-        return self.engine(mb.input_ids, mb.attention_mask, mb.position_ids, mb.gather)
+        return self.engine(mb.input_ids, mb.layout, mb.position_ids, mb.gather)
 
     @property
     def lm(self) -> torch.nn.Module:
@@ -156,7 +160,7 @@ def build_engine(cfg: Config, model_path: str, world: int) -> Engine:
     # (the reference), which would become a collective.
     hf_ds = HfDeepSpeedConfig(dsc) if lc.zero_stage == 3 else None
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=register_attention())
     finally:
         del hf_ds
         unset_hf_deepspeed_config()
@@ -172,7 +176,9 @@ def build_engine(cfg: Config, model_path: str, world: int) -> Engine:
                                                            config=dsc)
     ref = None
     if cfg.algorithm.kl_coef > 0:
-        ref = Policy(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)).to(engine.device).eval()
+        ref = Policy(AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                          attn_implementation=register_attention()))
+        ref = ref.to(engine.device).eval()
         ref.requires_grad_(False)
     return Engine(engine, optimizer, scheduler, ref, engine.device, int(lm.config.pad_token_id or 0),
                   int(lm.config.vocab_size), sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters()))

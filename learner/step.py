@@ -49,8 +49,8 @@ import torch
 
 from cluster.config import Config
 from cluster.types import ScoredGroup, StepStats
-from learner.batching import (MicroBatch, Seq, check_group, collate, flat_positions, plan_micro_batches,
-                              sequences, split_groups, token_offsets)
+from learner.batching import (MicroBatches, Seq, check_group, flat_positions, plan_micro_batches, sequences,
+                              split_groups, token_offsets)
 from learner.distributed import all_reduce_floats
 from learner.engine import Engine
 from learner.masks import mask_active, scope_selected_count
@@ -88,15 +88,19 @@ class TrainStep:
         return self.reduce([1.0 if ok else 0.0], "min")[0] > 0
 
     # ------------------------------------------------------------------ passes
-    def _micro_batches(self, seqs: list[Seq], idx: list[int], offsets: list[int]) -> list[MicroBatch | None]:
-        """Packed micro-batches of seqs[idx], padded with None (an empty pass) to the ranks' largest count."""
-        plans = plan_micro_batches(seqs, idx, self.cfg.learner.micro_batch_tokens)
-        mbs: list[MicroBatch | None] = [collate(seqs, p, offsets, self.eng.pad_id).to(self.eng.device)
-                                        for p in plans]
-        return mbs + [None] * (int(self.reduce([len(mbs)], "max")[0]) - len(mbs))
+    def _micro_batches(self, seqs: list[Seq], idx: list[int], offsets: list[int],
+                       no_grad: bool = False) -> MicroBatches:
+        """Packed micro-batches of seqs[idx], collated lazily (one at a time as the pass iterates), padded
+        with None (an empty pass) to the ranks' largest count. `no_grad`: a no-grad pass's token budget
+        (learner.logprob_micro_batch_tokens, the per-rank cap on its memory)."""
+        lc = self.cfg.learner
+        budget = (lc.logprob_micro_batch_tokens or lc.micro_batch_tokens) if no_grad else lc.micro_batch_tokens
+        plans = plan_micro_batches(seqs, idx, budget)
+        return MicroBatches(seqs, plans, offsets, self.eng.pad_id, self.eng.device,
+                            int(self.reduce([len(plans)], "max")[0]))
 
     @torch.no_grad()
-    def _token_pass(self, mbs: list[MicroBatch | None], total: int,
+    def _token_pass(self, mbs: MicroBatches, total: int,
                     with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """No-grad log-probs and entropies of the micro-batches' response tokens under the current weights,
         at their positions in [total] float32 vectors (NaN elsewhere)."""
@@ -121,15 +125,16 @@ class TrainStep:
         from learner.tokenstats import token_stats
 
         out = torch.full((total,), math.nan, device=self.eng.device)
-        for p in plan_micro_batches(seqs, list(range(len(seqs))), self.cfg.learner.micro_batch_tokens):
-            mb = collate(seqs, p, offsets, self.eng.pad_id).to(self.eng.device)
-            logits = self.eng.ref(mb.input_ids, mb.attention_mask, mb.position_ids, mb.gather)
+        lc = self.cfg.learner
+        plans = plan_micro_batches(seqs, list(range(len(seqs))), lc.logprob_micro_batch_tokens or lc.micro_batch_tokens)
+        for mb in MicroBatches(seqs, plans, offsets, self.eng.pad_id, self.eng.device):
+            logits = self.eng.ref(mb.input_ids, mb.layout, mb.position_ids, mb.gather)
             out[mb.positions] = token_stats(logits, mb.targets, self.cfg.rollout.temperature,
                                             chunk=self.cfg.learner.logits_chunk, with_entropy=False)[0]
         return out
 
-    def _scope_mask(self, seqs: list[Seq], idx: list[int], offsets: list[int], mbs: list[MicroBatch | None],
-                    total: int, entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
+    def _scope_mask(self, seqs: list[Seq], idx: list[int], offsets: list[int], total: int,
+                    entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
         """The mini-batch's forking mask [total] bool and tau for scopes mini/global (None for micro or
         when no mask is in use). `entropy` [total]: reusable entropies, or None to recompute them."""
         from learner.distributed import global_forking_mask
@@ -139,7 +144,8 @@ class TrainStep:
         if not mask_active(ac.top_entropy_ratio, ac.mask_variant) or ac.entropy_scope == "micro":
             return None, math.nan
         if entropy is None:
-            entropy = self._token_pass(mbs, total, with_entropy=True)[1]
+            entropy = self._token_pass(self._micro_batches(seqs, idx, offsets, no_grad=True), total,
+                                       with_entropy=True)[1]
         pos = flat_positions(seqs, idx, offsets).to(self.eng.device)
         local = entropy[pos]
         if ac.entropy_scope == "global":
@@ -189,8 +195,8 @@ class TrainStep:
             old_logp = torch.full((total,), math.nan, device=dev)
             old_ent = torch.full((total,), math.nan, device=dev)
         else:
-            old_logp, old_ent = self._token_pass(self._micro_batches(seqs, list(range(len(seqs))), offsets), total,
-                                                 with_entropy=True)
+            old_logp, old_ent = self._token_pass(self._micro_batches(seqs, list(range(len(seqs))), offsets,
+                                                                     no_grad=True), total, with_entropy=True)
         tis = None
         if ac.old_logprobs == "sampler":
             pi_old = sampler_logp.clone()
@@ -215,11 +221,9 @@ class TrainStep:
                 idx = [i for i, s in enumerate(seqs) if s.group in gset]
                 mbs = self._micro_batches(seqs, idx, offsets)
                 fresh = epoch == 0 and m == 0  # the weights are still pi_old: its entropies are current
-                mask_vec, tau = self._scope_mask(seqs, idx, offsets, mbs, total, old_ent if fresh else None)
-                real = [mb for mb in mbs if mb is not None]
-                n_tok = sum(mb.num_tokens for mb in real)
-                n_sel = scope_selected_count([mb.num_tokens for mb in real], ac.top_entropy_ratio, ac.mask_variant,
-                                             mask_vec)
+                mask_vec, tau = self._scope_mask(seqs, idx, offsets, total, old_ent if fresh else None)
+                n_tok = sum(mbs.token_counts)
+                n_sel = scope_selected_count(mbs.token_counts, ac.top_entropy_ratio, ac.mask_variant, mask_vec)
                 g_tok, g_sel, g_resp = self.reduce([n_tok, n_sel, len(idx)])
                 if g_tok == 0:
                     continue  # no rank has a token in this mini-batch: no update (identical on all ranks)

@@ -61,6 +61,17 @@ def check_local_fit(cfg: Config) -> None:
                           f"({'cluster.num_cpus' if c.num_cpus else 'the machine'}): lower one of them")
 
 
+def generator_bundles(cfg: Config) -> list[dict[str, float]]:
+    """The placement bundles of one generator. On GPUs with tensor parallelism, one bundle of one GPU per TP
+    worker, as verl and OpenRLHF place them: vLLM's Ray executor refuses a bundle with more than one GPU
+    (vllm/v1/executor/ray_utils.py) and takes its workers' bundles from VLLM_RAY_BUNDLE_INDICES inside the
+    placement group the generator actor runs in. Otherwise one bundle for the whole generator."""
+    c, tp = cfg.cluster, cfg.rollout.tensor_parallel_size
+    if c.generator_gpus >= 1 and tp > 1:
+        return [{"CPU": c.generator_cpus, "GPU": 1.0}] + [{"GPU": 1.0}] * (tp - 1)
+    return [{"CPU": c.generator_cpus, **({"GPU": c.generator_gpus} if c.generator_gpus else {})}]
+
+
 def _one_node() -> bool:
     import ray
 
@@ -96,7 +107,7 @@ class Actors:
 
         cfg, c = self.cfg, self.cfg.cluster
         n_gen, n_rank = cfg.rollout.num_generators, cfg.learner.num_ranks
-        bundles = [{"CPU": c.generator_cpus, **({"GPU": c.generator_gpus} if c.generator_gpus else {})}] * n_gen
+        bundles = [b for _ in range(n_gen) for b in generator_bundles(cfg)]
         bundles += [{"CPU": c.learner_cpus, **({"GPU": c.learner_gpus} if c.learner_gpus else {})}] * n_rank
         self.pg = placement_group(bundles, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=120)
@@ -116,7 +127,8 @@ class Actors:
         self.eval_graders = GraderPool(eval_reward, adv_estimator=cfg.algorithm.adv_estimator,
                                        l_max=cfg.rollout.max_new_tokens, seed=cfg.run.seed,
                                        num_cpus=c.grader_cpus)
-        self.learner = LearnerGroup(cfg, self.model_path, [opts(n_gen + r) for r in range(n_rank)],
+        first = n_gen * len(generator_bundles(cfg))
+        self.learner = LearnerGroup(cfg, self.model_path, [opts(first + r) for r in range(n_rank)],
                                     loopback=self.local)
         self.attach_learner()
         ray.get([g.info.remote() for g in self.generators])
@@ -135,11 +147,16 @@ class Actors:
         from actors.generator import generator_actor
 
         cfg, c = self.cfg, self.cfg.cluster
+        per = len(generator_bundles(cfg))
+        own = list(range(i * per, (i + 1) * per))
+        ray_tp = per > 1   # vLLM's Ray executor: one worker actor per bundle, the generator actor holds no GPU
         return generator_actor(
             f"{self.run_id}-g{i}-{secrets.token_hex(3)}", self.model_path, cfg.rollout, dtype=cfg.model.dtype,
             seed=cfg.run.seed + i, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
-            num_cpus=c.generator_cpus, num_gpus=c.generator_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+            num_cpus=c.generator_cpus, num_gpus=0 if ray_tp else c.generator_gpus, gpus=c.generator_gpus,
+            extra_env={"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, own))} if ray_tp else None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=own[0],
+                                                                 placement_group_capture_child_tasks=True))
 
     def new_graders(self):
         """The grader pool that pushes onto this run's stream (each actor opens its own producer)."""

@@ -9,8 +9,13 @@ side (docs/architecture.md, docs/platform.md "Weight broadcast on CPU"). One syn
 2. the tensors packed into buckets of `bucket_bytes` (a larger tensor gets a bucket of its own), one
    broadcast per bucket. Both sides derive the same bucket layout from the manifest with `plan_buckets`.
 
-The receiver keeps its bucket buffers between syncs (fresh buffers cost page faults on every sync) and
-yields tensors as their bucket arrives, so a consumer such as vLLM's layer-wise reload overlaps the receive.
+The receiver receives into a bounded ring of `sync.receive_buffers` bucket buffers (never a whole-model
+copy: 3 x 128 MiB rather than 65 GB for a 32B model), kept between syncs (fresh buffers cost page faults on
+every sync), and yields tensors as their bucket arrives, so a consumer such as vLLM's layer-wise reload
+overlaps the receive. vLLM's layer-wise reload keeps the tensors it is given until their layer is complete
+(a layer it never sees complete, until the end of the reload), so by default each tensor is yielded as a copy
+of its own, made as its bucket is read: receive memory is the ring plus what the consumer itself keeps. Every
+tensor-parallel worker receives whole tensors and its weight loaders keep their shard.
 Every wait is bounded by a deadline derived once from `sync.timeout_s` (`Deadlines`): a dead or absent peer
 raises `SyncError`, never hangs; the group is unusable afterwards and must be rebuilt. Both ends take the
 run's `SyncConfig`.
@@ -19,6 +24,7 @@ run's `SyncConfig`.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import socket
 import threading
@@ -161,6 +167,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# ProcessGroupNCCL reads these when it is constructed (torch 2.13 ProcessGroupNCCL.hpp, ErrorHandlingMode).
+# The default (TearDown, 1) lets the watchdog kill the whole process when a collective times out: learner rank 0
+# would die with a dead generator. CleanUpOnly (2) aborts the communicator and leaves the error to the caller;
+# blocking wait makes `work.wait()` raise that error in the waiting thread, as gloo does, so the recovery of
+# docs/reliability.md (replace the generator, form a new group, push the current weights) works on GPUs too.
+NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2", "TORCH_NCCL_BLOCKING_WAIT": "1"}
+
+
+def nccl_error_handling() -> None:
+    """Set NCCL_ENV in this process (before any ProcessGroupNCCL exists); a value the user set is kept."""
+    for k, v in NCCL_ENV.items():
+        os.environ.setdefault(k, v)
+
+
 def _open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
     """A process group of its own (TCPStore + backend object): the default group is never initialised."""
     timeout = timedelta(seconds=timeout_s)
@@ -179,6 +199,7 @@ def _open_group(host: str, port: int, rank: int, world_size: int, timeout_s: flo
             opts._timeout = timeout
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
             return store, dist.ProcessGroupGloo(store, rank, world_size, opts)
+        nccl_error_handling()
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return store, dist.ProcessGroupNCCL(store, rank, world_size, opts)
@@ -223,6 +244,12 @@ class BroadcastGroup:
         self.wait(self.start(t))
 
     def close(self) -> None:
+        """Drop the group; an NCCL communicator is aborted first (a failed one may hold the GPU stream)."""
+        if self.backend == "nccl" and self._pg is not None:
+            try:
+                self._pg.abort()
+            except RuntimeError:
+                pass
         self._pg = self._store = None
 
 
@@ -301,6 +328,7 @@ class WeightReceiver:
     def __init__(self, host: str, port: int, rank: int, world_size: int, sync: SyncConfig):
         self.deadlines = Deadlines.of(sync)
         self.group = BroadcastGroup(host, port, rank, world_size, self.deadlines.collective_s, sync.backend)
+        self.slots = sync.receive_buffers
         self._buffers: list[torch.Tensor] = []
         self.timing: dict[str, float] = {}
 
@@ -317,36 +345,50 @@ class WeightReceiver:
         return Manifest.decode(data.cpu().numpy().tobytes())
 
     def _ensure_buffers(self, buckets: list[Bucket]) -> None:
-        sizes = [b.nbytes for b in buckets]
-        if [b.numel() for b in self._buffers] != sizes:
+        """min(buckets, sync.receive_buffers) buffers of the largest bucket's size, kept while they suffice."""
+        n, size = min(len(buckets), self.slots), max((b.nbytes for b in buckets), default=0)
+        if len(self._buffers) != n or (n and self._buffers[0].numel() < size):
             # zero_() touches every page now rather than inside the timed receive of each sync
-            self._buffers = [torch.zeros(n, dtype=torch.uint8, device=self.group.device) for n in sizes]
+            self._buffers = [torch.zeros(size, dtype=torch.uint8, device=self.group.device) for _ in range(n)]
 
-    def tensors(self, manifest: Manifest) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, manifest: Manifest, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) as each bucket arrives; a background thread receives later buckets meanwhile.
 
-        The tensors are views of buffers reused by the next sync: consume (copy) them before then. The
-        generator must be exhausted (or closed) before the next collective on this group.
+        Each tensor is a copy of its own (`copy`), or, with copy=False, a view of the ring of buffers that
+        stays valid until the consumer asks for the first tensor of bucket k + 2 (then its buffer may be
+        refilled): for a consumer that copies each tensor at once.
+        The generator must be exhausted (or closed) before the next collective on this group.
         """
         buckets = plan_buckets(manifest.specs, manifest.bucket_bytes)
         self._ensure_buffers(buckets)
         arrived: queue.Queue = queue.Queue()
-        g, wait_s = self.group, self.deadlines.bucket_s
+        g, wait_s, n = self.group, self.deadlines.bucket_s, len(self._buffers)
+        reading = {"k": -1}                 # the bucket the consumer is reading
+        moved = threading.Condition()
 
         def receive() -> None:
             t0 = time.perf_counter()
             try:
-                for k, buf in enumerate(self._buffers):
-                    g.broadcast(buf)
+                for k, bucket in enumerate(buckets):
+                    with moved:             # bucket k reuses bucket k - n's buffer: wait until that is consumed
+                        if k >= n and not moved.wait_for(lambda: reading["k"] >= k - n + 2, timeout=wait_s):
+                            raise SyncError(f"bucket {k - n} was not consumed within {wait_s} s")
+                    g.broadcast(self._buffers[k % n][:bucket.nbytes])
                     arrived.put(k)
             except BaseException as e:  # hand the failure to the consumer
                 arrived.put(e)
             self.timing["receive_s"] = time.perf_counter() - t0
 
+        def advance(k: int) -> None:
+            with moved:
+                reading["k"] = k
+                moved.notify_all()
+
         thread = threading.Thread(target=receive, name="weight-receive", daemon=True)
         thread.start()
         try:
             for k, bucket in enumerate(buckets):
+                advance(k)
                 try:
                     got = arrived.get(timeout=wait_s)
                 except queue.Empty:
@@ -355,9 +397,12 @@ class WeightReceiver:
                     raise got
                 for i, offset in bucket.entries:
                     spec = manifest.specs[i]
-                    yield spec.name, _view(self._buffers[k], offset, spec)
+                    view = _view(self._buffers[k % n], offset, spec)
+                    yield spec.name, view.clone() if copy else view
         finally:
-            # a consumer that stops early must not leave a broadcast in flight under the next collective
+            # a consumer that stops early must not leave a broadcast in flight under the next collective: the
+            # receive thread takes the remaining buckets (into any buffer) so the group stays in step
+            advance(len(buckets) + n)
             thread.join(wait_s)
 
     def close(self) -> None:

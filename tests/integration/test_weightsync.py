@@ -192,3 +192,37 @@ def test_dead_receiver_is_an_error_for_the_sender():
             sender.send(1, model(0).items())
     finally:
         proc.kill()
+
+
+@pytest.mark.timeout(120)
+def test_receive_memory_is_a_bounded_ring_and_a_lagging_consumer_sees_intact_tensors():
+    """12 buckets through sync.receive_buffers=3 buffers: the receiver never holds the whole model, and a
+    consumer that keeps the previous bucket's views until the next bucket (as vLLM's layer-wise reload keeps a
+    layer straddling two buckets) still reads every tensor intact."""
+    port, world = free_port(), 2
+    sync = SyncConfig(timeout_s=10.0, bucket_mb=0.25, backend="gloo", receive_buffers=3)
+    join = run(lambda: WeightReceiver(HOST, port, 1, world, sync))
+    sender = WeightSender(HOST, port, world, sync)
+    rx = join()
+    g = torch.Generator().manual_seed(7)
+    weights = {f"layers.{i}.w": torch.randn(256, 256, generator=g) for i in range(12)}   # 256 KiB each
+
+    def consume():
+        m = rx.receive_manifest()
+        held, ok = [], {}
+        for name, t in rx.tensors(m, copy=False):
+            held.append((name, t))               # views kept one tensor (= one bucket) longer
+            if len(held) > 1:  # while reading bucket k, bucket k - 1 is still being checked
+                old_name, old = held.pop(0)
+                ok[old_name] = torch.equal(old, weights[old_name])
+        for old_name, old in held:
+            ok[old_name] = torch.equal(old, weights[old_name])
+        return ok, len(rx._buffers), sum(b.numel() for b in rx._buffers)
+
+    j = run(consume)
+    sender.send(1, weights.items())
+    ok, n_buffers, resident = j()
+    assert ok == {name: True for name in weights}
+    assert n_buffers == 3 and resident <= 3 * (256 * 256 * 4 + 64) < sum(t.nbytes for t in weights.values()) / 3
+    for x in (sender, rx):
+        x.close()

@@ -51,9 +51,9 @@ def test_collate_lays_out_shared_prompt_rows_and_gathers_the_predicting_position
     assert mb.targets.tolist() == [8, 9, 1, 2, 3, 4]
     assert mb.seq_ids.tolist() == [0, 0, 1, 1, 1, 2]
     assert mb.positions.tolist() == [4, 5, 0, 1, 2, 3] and mb.seqs == [2, 0, 1] and mb.num_tokens == 6
-    m = mb.attention_mask[:, 0].int().tolist()
+    m = dense_mask(mb).int().tolist()
     assert m[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
-    assert m[0] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]   # padding sees only padding
+    assert m[0] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]   # padding sees nothing (output 0)
 
 
 def test_collate_segments_attend_to_the_prompt_and_themselves_only():
@@ -63,7 +63,42 @@ def test_collate_segments_attend_to_the_prompt_and_themselves_only():
     assert mb.input_ids.tolist() == [[5, 6, 7, 1, 2, 4, 6, 7, 8]]
     assert mb.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 3, 4, 5]]
     want = [[k <= q and (seg[k] == 0 or seg[k] == seg[q]) for k in range(9)] for q in range(9)]
-    assert mb.attention_mask[0, 0].tolist() == want
+    assert dense_mask(mb)[0].tolist() == want
+    # one fused causal call per bucket: each segment is [prompt ; segment], never the row's [L, L] square
+    assert [tuple(p.shape) for p in mb.layout.packs] == [(3, 6)]
+
+
+def test_collate_layout_of_one_token_responses_and_prompt_of_length_one():
+    # every response one token long: the row is the prompt alone, its last position predicts them all
+    seqs = sequences([group("a", [5], [[1], [2]]), group("b", [7, 8, 9], [[3, 4, 6]])])
+    mb = collate(seqs, [[2], [0, 1]], token_offsets(seqs))
+    assert mb.input_ids.tolist() == [[7, 8, 9, 3, 4], [5, 0, 0, 0, 0]]
+    m = dense_mask(mb).int().tolist()
+    assert m[1] == [[1, 0, 0, 0, 0]] + [[0] * 5] * 4
+    assert m[0] == [[int(k <= q) for k in range(5)] for q in range(5)]
+    assert mb.gather.tolist() == [2, 3, 4, 5, 5]
+
+
+def dense_mask(mb) -> torch.Tensor:
+    """[B, L, L] bool: which keys each query of the block sees under mb.layout (the dense mask the layout
+    replaces), read back from its packs: query slot j of a packed sequence sees the sequence's slots <= j."""
+    b, length = mb.input_ids.shape
+    lay = mb.layout
+    seqs, base = [], 0
+    for pack in lay.packs:
+        for row in pack.tolist():
+            seqs.append((base, row))
+            base += len(row)
+    out = torch.zeros(b * length, b * length, dtype=torch.bool)
+    for q, src in enumerate(lay.source.tolist()):
+        if src == base:
+            continue   # padding: zero output
+        start, row = next((st, r) for st, r in seqs if st <= src < st + len(r))
+        assert row[src - start] == q   # the slot holding q's output is q's own query
+        out[q, row[:src - start + 1]] = True
+    blocks = out.view(b, length, b, length)
+    assert not any(blocks[i, :, j].any() for i in range(b) for j in range(b) if i != j)   # rows independent
+    return torch.stack([blocks[i, :, i] for i in range(b)])
 
 
 def test_collate_refuses_a_row_whose_sequences_do_not_share_the_prompt():
@@ -128,3 +163,22 @@ def test_check_group_accepts_a_good_group_and_catches_length_mismatches():
     assert "2 token_ids but 1 logprobs" in check_group(g, 101)
     g = group("x", [1], [[3], [4]], adv=[1.0])
     assert "advantages has 1 values for 2 responses" in check_group(g, 101)
+
+
+def test_micro_batches_are_collated_one_at_a_time_and_padded_with_empty_passes():
+    from learner.batching import MicroBatches
+
+    rng = np.random.default_rng(3)
+    _, seqs = random_seqs(rng, 6)
+    offsets = token_offsets(seqs)
+    plans = plan_micro_batches(seqs, list(range(len(seqs))), 24)
+    mbs = MicroBatches(seqs, plans, offsets, 0, "cpu", len(plans) + 2)
+    it = iter(mbs)
+    first = next(it)   # a generator: the others are not built yet
+    assert first.positions.tolist() == collate(seqs, plans[0], offsets).positions.tolist()
+    rest = list(it)
+    assert len(mbs) == len(rest) + 1 == len(plans) + 2 and rest[-2:] == [None, None]
+    assert mbs.token_counts == [mb.num_tokens for mb in [first] + rest[:-2]]
+    assert [mb.seqs for mb in mbs if mb is not None] == [first.seqs] + [mb.seqs for mb in rest[:-2]]  # again
+    with pytest.raises(ValueError):
+        MicroBatches(seqs, plans, offsets, 0, "cpu", len(plans) - 1)
