@@ -161,6 +161,13 @@ class RewardConfig(Section):
     """Weight of the RENT intrinsic reward -mean token entropy (Prabhudesai et al. 2505.22660; 0 = off)."""
     dynamic_sampling: bool = True
     """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage), counted."""
+    max_gen_batches: int = Field(1, ge=1)
+    """DAPO dynamic sampling with refill (Yu et al. 2503.14476, Alg. 1): generation batches per step at most,
+    the first included; while fewer than rollout.prompts_per_step groups with differing rewards are kept,
+    the driver samples as many new prompts as groups are missing (cluster/driver/refill.py), in both loops.
+    1 = no refill (groups are only dropped). verl algorithm.filter_groups.max_num_gen_batches (DAPO recipe:
+    10; verl's 0 = unbounded has no equivalent: a bound is required). Rounds are sampling/refill_rounds; a
+    step that hits the bound logs one warning and trains on what it has."""
     num_graders: int = Field(1, ge=1)
     """Grader actors in the pool."""
     workers_per_grader: int = Field(1, ge=1)

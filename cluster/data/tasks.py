@@ -265,9 +265,11 @@ class PromptStream:
     def _perm(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
 
-    def next(self) -> list[Prompt]:
+    def next(self, n: int | None = None) -> list[Prompt]:
+        """The next `n` prompts (default: the batch)."""
+        n = self.batch if n is None else n
         out = []
-        while len(out) < self.batch:
+        while len(out) < n:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._perm()

@@ -28,6 +28,7 @@ def sync_loop(s: System, steps: range) -> None:
             rollouts = s.collect(s.generate(s.data.next()))
         with s.phase("grade"):
             n_groups = s.grade_and_push(rollouts)
+        n_groups = s.refill(n_groups)                # DAPO: more prompts until the batch has signal
         with s.phase("train"):
             s.train(n_groups)
         with s.phase("sync"):
@@ -43,6 +44,7 @@ def async_loop(s: System, steps: range) -> None:
         pending = s.generate(s.data.next())          # sampled with the current weights ...
         with s.phase("grade"):
             n_groups = s.grade_and_push(rollouts)    # ... while the graders score the last batch
+        n_groups = s.refill(n_groups)                # DAPO refill: queued behind `pending`, counted in generate
         with s.phase("train"):
             s.train(n_groups)                        # ... while the learner trains
         with s.phase("generate"):

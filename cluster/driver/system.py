@@ -208,6 +208,37 @@ class System:
         self.log_event("pushed", kept=kept)
         return kept
 
+    def refill(self, kept: int) -> int:
+        """DAPO dynamic sampling with refill (cluster/driver/refill.py): sample and grade new prompts until
+        rollout.prompts_per_step groups with signal are on the stream, at most reward.max_gen_batches
+        generation batches in the step; their time counts in the generate and grade phases (in the async
+        loop the refill waits behind the next batch's generation: time the learner is not hidden behind).
+        Returns the groups kept; sampling/refill_rounds is the number of refill rounds."""
+        from cluster.driver.refill import refill
+        from reward.group import merge_stats
+
+        cfg, st = self.cfg, self.record.stats
+
+        def sample(n: int) -> int:
+            first = dict(st)
+            pushed = self._pushed
+            with self.phase("generate"):
+                rollouts = self.collect(self.generate(self.data.next(n)))
+            with self.phase("grade"):
+                got = self.grade_and_push(rollouts)
+            self._pushed = pushed + rollouts   # a lost queue gets every round's groups pushed again
+            reward = merge_stats([{k: v for k, v in first.items() if k.startswith("reward/")},
+                                  {k: v for k, v in st.items() if k.startswith("reward/")}])
+            st.update({k: v for k, v in first.items() if not k.startswith("generator/")})  # the first batch's
+            st.update(reward)                                                  # sample; reward/* over all
+            return got
+
+        rounds = 0
+        if cfg.reward.dynamic_sampling:
+            kept, rounds = refill(kept, cfg.rollout.prompts_per_step, cfg.reward.max_gen_batches, sample)
+        st["sampling/refill_rounds"] = float(rounds)
+        return kept
+
     def train(self, n_groups: int) -> None:
         """Every rank reads its share of the n_groups fresh groups from the queue and trains on them."""
         from cluster.transport.queue import QueueError

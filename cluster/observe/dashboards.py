@@ -224,6 +224,9 @@ def throughput() -> db.Dashboard:
             .with_panel(ts("Dynamic-sampling drop share", "Share of graded groups dropped because all their "
                            "rewards were equal (DAPO).", "percentunit",
                            q(f"forkrl_dynamic_sampling_drop_ratio{R}"), span=8))
+            .with_panel(ts("Dynamic-sampling refill rounds", "Generation batches after the first that DAPO's "
+                           "refill sampled to fill the step with groups with signal (reward.max_gen_batches).",
+                           "none", q(f"forkrl_dynamic_sampling_refill_rounds{R}"), span=8))
             .with_panel(ts("Response length", "Mean and longest response (tokens).", "short",
                            q(f"forkrl_response_length_mean_tokens{R}", "{{run}} mean"),
                            q(f"forkrl_response_length_max_tokens{R}", "{{run}} max"), span=8))

@@ -103,6 +103,8 @@ STEP_STATS: dict[str, Metric] = {
     "response/truncated_share": _g("forkrl_response_truncated_ratio", "Share of responses cut at max_new_tokens"),
     "sampling/drop_share": _g("forkrl_dynamic_sampling_drop_ratio",
                               "Share of graded groups DAPO dynamic sampling dropped (all rewards equal)"),
+    "sampling/refill_rounds": _g("forkrl_dynamic_sampling_refill_rounds",
+                                 "DAPO refill rounds of the step: generation batches after the first (reward.max_gen_batches)"),
     # Queue
     "queue/undelivered": _g("forkrl_queue_depth_groups", "Scored groups on the stream not yet delivered"),
     "queue/produced": _c("forkrl_queue_produced_groups_total", "Scored groups added to the stream"),

@@ -88,9 +88,17 @@ def test_sync_run_flows_and_improves(tmp_path, tiny_model_dir):
 
 def test_async_run_overlaps_and_bounds_staleness(tmp_path, tiny_model_dir):
     run_dir, log, _ = run_train(tmp_path, f"model.path={tiny_model_dir}", "run.steps=5", "run.eval_every=0",
-                                "run.max_staleness=1", "algorithm.top_entropy_ratio=0.2")
+                                "run.max_staleness=1", "algorithm.top_entropy_ratio=0.2",
+                                "reward.max_gen_batches=4", "rollout.prompts_per_step=8")
     train = [r for r in rows(run_dir) if "time/step_s" in r]
     assert [int(r["learner/version"]) for r in train] == [1, 2, 3, 4, 5]
+    # DAPO refill: a step trains on prompts_per_step groups with signal, or hit its bound and said so
+    warned = log.count("(reward.max_gen_batches)")
+    for r in train:
+        assert r["reward/groups_kept"] == 8 or r["sampling/refill_rounds"] == 3, r
+        assert r["reward/groups"] == r["reward/groups_kept"] + r["reward/dropped_zero_var"] + r["reward/invalid_groups"]
+    assert warned == sum(r["reward/groups_kept"] < 8 for r in train), warned
+    assert any(r["sampling/refill_rounds"] > 0 for r in train) or all(r["reward/groups"] == 8 for r in train)
     # after the first step every trained group was sampled one version behind the learner
     for r in train[1:]:
         stale = {k: v for k, v in r.items() if k.startswith("queue/staleness/")}

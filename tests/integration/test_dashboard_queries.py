@@ -44,7 +44,7 @@ def step_stats(run: str, step: int) -> dict[str, float]:
         "loss": -0.01, "learner/grad_norm": 0.5,
         "reward/mean": acc - 0.1, "reward/accuracy": acc - 0.1, "train/accuracy_pass": min(1.0, acc + 0.1),
         "response/length_mean": 40 - step / 2, "response/length_max": 64, "response/truncated_share": 0.05,
-        "sampling/drop_share": 0.3,
+        "sampling/drop_share": 0.3, "sampling/refill_rounds": 1,
         "queue/undelivered": 4, "queue/produced": 8, "queue/consumed": 8, "queue/dropped_stale": 1,
         "queue/staleness/0": 5, "queue/staleness/1": 3, "queue/staleness/3": 1,
         "generator/tokens_per_s": 12000, "learner/tokens_per_s": 8000,
