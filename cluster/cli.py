@@ -147,6 +147,22 @@ def check(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = O
     typer.echo(dump_config(cfg), nl=False)
 
 
+@app.command(cls=_Command)
+def export(run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="a forkrl run directory"),
+           out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="the HF model directory to write"),
+           step: Optional[int] = typer.Option(None, metavar="N", help="the checkpoint's step (default: the last)")):
+    """Export the policy at a checkpoint as a Hugging Face model directory; prints OUT_DIR.
+
+    \b
+    OUT_DIR gets model.safetensors, config.json, generation_config.json, the tokenizer
+    with its chat template, and forkrl_export.json (run, step, weights version).
+    The weights are consolidated from the ZeRO shards by DeepSpeed's zero_to_fp32.
+    """
+    from cluster.driver.export import export_run
+
+    typer.echo(export_run(run_dir, out_dir, step=step))
+
+
 @models_app.command("build-tiny", cls=_Command)
 def build_tiny(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
                task: str = typer.Option("arith", help="synthetic task the warm start uses"),

@@ -422,6 +422,9 @@ class CheckpointConfig(Section):
     """Checkpoint every N RL steps (0 = only at the end)."""
     keep_last: int = Field(2, ge=1)
     """Keep the last K checkpoints."""
+    save_hf: bool = False
+    """Also write each checkpoint's policy as a Hugging Face model directory, checkpoints/step-N/hf/ (what
+    `forkrl export` writes; OpenRLHF --save_hf_ckpt, verl's model_merger run after training)."""
 
 
 class Config(Section):

@@ -346,8 +346,14 @@ class System:
         learner = self.actors.learner
         state = {"step": step, "version": self.version, "data": self.data.state_dict(),
                  "queue": learner.call("queue_state")[0], "run_id": self.run_id}
-        return save_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep_last,
+        path = save_checkpoint(self.run_dir, step, self.cfg.checkpoint.keep_last,
                                lambda d: learner.call("save", d), state)
+        if self.cfg.checkpoint.save_hf:
+            from cluster.driver.export import HF_DIR, export_checkpoint
+
+            export_checkpoint(path, path / HF_DIR, self.model_path, self.cfg.model.dtype,
+                              {"run": self.run_id, "step": step, "version": self.version})
+        return path
 
     def _restore(self) -> None:
         from cluster.transport.queue import Producer

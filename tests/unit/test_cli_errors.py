@@ -120,3 +120,12 @@ def test_help_has_no_type_metavars_and_names_outputs():
     for word in ("metrics.jsonl", "checkpoints/", "report.md", "trackers", "--resume"):
         assert word in train
     assert "docs/results/NAME.md" in forkrl("experiment", "--help").stdout
+
+
+def test_export_mistakes(tmp_path, run_dir):
+    one_red_line(forkrl("export", str(tmp_path), str(tmp_path / "out")), "not a forkrl run directory")
+    one_red_line(forkrl("export", str(run_dir), str(tmp_path / "out")), "no checkpoint yet")
+    ck = run_dir / "checkpoints" / "step-000002"
+    ck.mkdir(parents=True)
+    (ck / "run_state.json").write_text('{"step": 2, "version": 2}')
+    one_red_line(forkrl("export", str(run_dir), "--step", "7", str(tmp_path / "out")), "--step 7", "[2]")

@@ -1,0 +1,99 @@
+"""`forkrl export` on real checkpoints of a short `forkrl train` run (ZeRO-2 and ZeRO-3): DeepSpeed's own
+consolidation, an HF directory transformers and vLLM load; its weights are the learner's at that step (a real
+LearnerGroup loads the same checkpoint) and vLLM's log-probs on it match transformers' (as in a run)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import ray
+import torch
+
+from tests.e2e.test_train import ROOT, run_train
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_is_the_learners_policy(tmp_path, tiny_model_dir, stage, ray_local):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cluster.config import load_config
+    from cluster.driver.export import HF_DIR
+    from learner.worker import LearnerGroup
+
+    run_dir, _, _ = run_train(tmp_path / "runs", f"model.path={tiny_model_dir}", "run.steps=2", "run.eval_every=0",
+                              f"learner.zero_stage={stage}", "learner.stage3_param_persistence_threshold=0",
+                              "checkpoint.every=1", "checkpoint.save_hf=true", "rollout.prompts_per_step=4",
+                              "rollout.group_size=4", "data.train_size=16", "data.eval_size=8")
+    out = tmp_path / "hf-step1"
+    p = subprocess.run([sys.executable, "-m", "cluster.cli", "export", str(run_dir), "--step", "1", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == str(out)
+    for f in ("model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (out / f).is_file(), f
+    info = json.loads((out / "forkrl_export.json").read_text())
+    assert (info["step"], info["version"], info["run"]) == (1, 1, run_dir.name)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == AutoTokenizer.from_pretrained(tiny_model_dir).chat_template
+
+    # the learner's own weights at step 1: a fresh LearnerGroup loads the same checkpoint
+    cfg = load_config(run_dir / "config.yaml")
+    group = LearnerGroup(cfg, tiny_model_dir)
+    try:
+        group.call("load", str(run_dir / "checkpoints" / "step-000001"))
+        learner = group.call("full_weights")[0]
+    finally:
+        group.call("close")
+        group.kill()
+    exported = load_file(out / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    state = model.state_dict()
+    assert set(state) - set(learner) <= {"lm_head.weight"} and set(learner) <= set(state)   # tied to the embedding
+    assert torch.equal(state["lm_head.weight"], learner.get("lm_head.weight", learner["model.embed_tokens.weight"]))
+    for name, w in learner.items():
+        assert torch.equal(state[name], w), name
+        if name in exported:
+            assert torch.equal(exported[name], w), name
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    assert any(not torch.equal(base[n], w) for n, w in learner.items())       # step 1 moved the policy
+    # save_hf wrote the same directory beside each checkpoint kept
+    for step in (1, 2):
+        hf = run_dir / "checkpoints" / f"step-{step:06d}" / HF_DIR
+        assert json.loads((hf / "forkrl_export.json").read_text())["step"] == step
+    assert torch.equal(load_file(run_dir / "checkpoints" / "step-000001" / HF_DIR / "model.safetensors")
+                       ["model.embed_tokens.weight"], learner["model.embed_tokens.weight"])
+
+    # vLLM loads the export and samples with log-probs that transformers recomputes (learner's forward)
+    from actors.generator import generator_actor
+    from cluster.data.tasks import load_problems, render_prompts
+
+    train, _ = load_problems(cfg.data, cfg.run.seed)
+    prompts = render_prompts(train[:4], tok, cfg.data, "train")
+    gen = generator_actor("export-test", str(out), cfg.rollout, seed=0,
+                          max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens, num_cpus=1)
+    try:
+        rollouts = ray.get(gen.generate.remote(prompts), timeout=600)
+    finally:
+        ray.kill(gen)
+    worst = 0.0
+    with torch.no_grad():
+        for r, pr in zip(rollouts, prompts):
+            for resp in r.responses[:2]:
+                ids = torch.tensor([list(pr.token_ids) + list(resp.token_ids)])
+                logits = model(ids).logits[0, len(pr.token_ids) - 1:-1] / cfg.rollout.temperature
+                lp = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(resp.token_ids)[:, None].long())
+                worst = max(worst, float((lp[:, 0] - torch.tensor(resp.logprobs).double()).abs().max()))
+    assert math.isfinite(worst) and worst < 1e-3, worst
