@@ -304,6 +304,11 @@ class LearnerConfig(Section):
     """ZeRO-3 parameters smaller than this stay unpartitioned; 0 partitions everything (tests)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward."""
+    setup_timeout_s: float = Field(1200.0, gt=0)
+    """Deadline (seconds) for the learner ranks' set-up: actor start, process group, DeepSpeed's JIT op
+    build (minutes on a small CPU box the first time), model load, engine. Past it the run stops with an
+    error naming what each rank was waiting for (docs/reliability.md); a build lock left by a killed build
+    is removed before, not waited on."""
 
 
 class QueueConfig(Section):

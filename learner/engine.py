@@ -94,13 +94,65 @@ def lr_lambda(cfg: Config, total_updates: int) -> Callable[[int], float]:
     return f
 
 
+def build_locks(root: str | Path | None = None) -> list[tuple[Path, list[int]]]:
+    """The JIT build locks under TORCH_EXTENSIONS_DIR and the ids of the processes that hold each open.
+
+    DeepSpeed builds its ops with torch.utils.cpp_extension, which serialises builders with a FileBaton:
+    `<TORCH_EXTENSIONS_DIR>/<op>/lock`, created with O_EXCL and held open by the building process until it
+    removes it. Every load of the op takes it, even when nothing needs building, and one that finds it
+    waits while it exists, without a timeout. So a lock no process holds open was left by a build that was
+    killed (SIGKILL, OOM, the terminal's Ctrl-C) and would hold every later run forever. Holders are
+    found in /proc (this machine; processes of other users that cannot be read are not seen)."""
+    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    locks = sorted({*root.glob("*/lock"), *root.glob("*/*/lock")})
+    if not locks:
+        return []
+    targets = {str(p.resolve()): p for p in locks}
+    holders: dict[Path, list[int]] = {p: [] for p in locks}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in os.scandir(fd_dir):
+                try:
+                    hit = targets.get(os.readlink(fd.path))
+                except OSError:
+                    continue
+                if hit is not None:
+                    holders[hit].append(int(fd_dir.parent.name))
+        except OSError:   # the process exited, or belongs to another user
+            continue
+    return [(p, sorted(set(h))) for p, h in holders.items()]
+
+
+def remove_stale_build_locks(root: str | Path | None = None) -> list[Path]:
+    """Remove the JIT build locks that no live process holds (`build_locks`); returns them. Linux only
+    (elsewhere nothing is removed: a holder cannot be seen)."""
+    import logging
+
+    if not Path("/proc/self/fd").is_dir():
+        return []
+    removed = []
+    for path, holders in build_locks(root):
+        if holders:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue   # its builder finished, or another rank removed it first
+        logging.getLogger("forkrl").warning("removed %s: a DeepSpeed/torch JIT build lock that no process "
+                                            "holds (left by a killed build; the next load rebuilds)", path)
+        removed.append(path)
+    return removed
+
+
 def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, int]) -> None:
-    """Join the learner's default process group (NCCL with GPUs, else gloo)."""
+    """Join the learner's default process group (NCCL with GPUs, else gloo). DeepSpeed loads (and on first
+    use builds) its communication op here: a build lock a killed build left behind is removed first."""
     import deepspeed
 
     os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
     gpu = torch.cuda.is_available() and cfg.cluster.learner_gpus > 0
+    remove_stale_build_locks()
     # a rank whose queue read returned waits in train_step's agreement for the slowest read, which
     # gives up after queue.read_timeout_s: the collectives must outwait it
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,

@@ -13,14 +13,25 @@ import os
 import time
 from typing import Any, Iterator
 
+import ray
 import torch
 
 from cluster.config import Config
 from cluster.types import ScoredGroup, StepStats
-from learner.engine import (Engine, build_engine, init_process_group, load_checkpoint, save_checkpoint,
+from learner.engine import (Engine, build_engine, build_locks, init_process_group, load_checkpoint, save_checkpoint,
                             seed_everything)
 from learner.step import TrainStep
 from learner.weights import Publisher, named_weights, weight_specs
+
+
+class LearnerSetupTimeout(RuntimeError):
+    """The learner ranks did not finish set-up within learner.setup_timeout_s; the message names what each
+    unfinished rank was doing (and any JIT build lock it waits on)."""
+
+
+class PeerFailed(RuntimeError):
+    """This rank's part of a collective call was fine but another rank's failed; that rank's error is the
+    cause (`LearnerGroup` raises it instead of this one)."""
 
 
 class Trainer:
@@ -37,6 +48,7 @@ class Trainer:
         self.last_trained: list[str] = []   # group ids of the last step's optimizer updates
         self.eng: Engine | None = None
         self.step: TrainStep | None = None
+        self._phase = ("created", time.monotonic())   # what setup() is doing, for progress()
 
     # ------------------------------------------------------------------ setup
     def node_ip(self) -> str:
@@ -59,12 +71,30 @@ class Trainer:
 
         setup_env()
         torch.set_num_threads(self.cfg.learner.threads)
+        self._at(f"joining the process group at {self.master[0]}:{self.master[1]} with {self.world} ranks "
+                 "(and loading DeepSpeed's communication op, built on first use)")
         init_process_group(self.cfg, self.rank, self.world, self.master)
         gen, mask_gen = seed_everything(self.cfg.run.seed, self.rank)
+        self._at(f"loading {self.model_path} and building the DeepSpeed engine")
         self.eng = build_engine(self.cfg, self.model_path, self.world)
         control = initial_control(self.cfg.algorithm) if self.cfg.algorithm.adaptive_entropy else None
         self.step = TrainStep(self.cfg, self.eng, self.rank, self.world, gen, mask_gen, control)
+        self._at("set up")
         return {"rank": self.rank, "params": self.eng.params, "device": str(self.eng.device)}
+
+    def _at(self, phase: str) -> None:
+        self._phase = (phase, time.monotonic())
+
+    @ray.method(concurrency_group="probe")
+    def progress(self) -> str:
+        """What set-up is doing and for how long, with any JIT build lock present and its holders; answered
+        while setup() runs (its own concurrency group)."""
+        phase, since = self._phase
+        out = f"rank {self.rank} (pid {os.getpid()}): {phase}, for {time.monotonic() - since:.0f} s"
+        for path, holders in build_locks():
+            out += (f"; build lock {path} held by pid {', '.join(map(str, holders))}" if holders else
+                    f"; build lock {path} held by no process")
+        return out
 
     def attach_queue(self, address: dict[str, Any], name: str | None = None) -> None:
         """Become consumer `rank<r>` of the run's queue (a restarted rank takes its pending groups back)."""
@@ -79,8 +109,10 @@ class Trainer:
                    timeout_s: float | None = None) -> StepStats:
         """Read this rank's n_groups (0 is allowed) from the queue, train on them with the other ranks, and
         ack them only after the step's optimizer updates succeeded. If any rank's read fails, every rank
-        raises (no rank is left waiting in a collective); read groups stay pending and come back to the
-        same consumer name after a restart. Returns the step's statistics with this rank's queue/*."""
+        raises (no rank is left waiting in a collective): the failed one its queue error, the others
+        PeerFailed, after giving their groups back to their consumer (the next read returns them first);
+        read groups stay pending and come back to the same consumer name after a restart. Returns the
+        step's statistics with this rank's queue/*."""
         from cluster.transport.queue import Batch
 
         t0 = time.perf_counter()
@@ -93,7 +125,9 @@ class Trainer:
         if not self.step.all_ok(error is None):
             if error is not None:
                 raise error
-            raise RuntimeError(f"learner rank {self.rank}: another rank's queue read failed; step abandoned")
+            self.consumer.release(batch)
+            raise PeerFailed(f"learner rank {self.rank}: another rank's queue read failed; step abandoned, "
+                             f"its {len(batch.groups)} groups kept for the retry")
         t_read = time.perf_counter() - t0
         stats = self.train_on(batch.groups)
         # read by this update (even if the ack below fails); ones check_group rejected count as dropped_invalid
@@ -189,33 +223,46 @@ class LearnerGroup:
         n = cfg.learner.num_ranks
         env = {**runtime_env_vars(), "OMP_NUM_THREADS": str(cfg.learner.threads)}
         opts = actor_options or [{} for _ in range(n)]
-        cls = ray.remote(Trainer)
+        cls = ray.remote(concurrency_groups={"probe": 1})(Trainer)
         self.ranks = [cls.options(num_cpus=cfg.cluster.learner_cpus, num_gpus=cfg.cluster.learner_gpus,
                                   runtime_env={"env_vars": env}, **opts[r]).remote(cfg, model_path, r, n, "", 0)
                       for r in range(n)]
+        self.timeout_s = cfg.learner.setup_timeout_s
+        end = time.monotonic() + self.timeout_s
         try:
-            host = "127.0.0.1" if loopback else ray.get(self.ranks[0].node_ip.remote())
-            port = ray.get(self.ranks[0].free_port.remote(host))
-            ray.get([a.set_master.remote(host, port) for a in self.ranks])
+            host = "127.0.0.1" if loopback else self._within(end, [self.ranks[0].node_ip.remote()])[0]
+            port = self._within(end, [self.ranks[0].free_port.remote(host)])[0]
+            self._within(end, [a.set_master.remote(host, port) for a in self.ranks])
             self.master = (host, port)
-            self.info = ray.get([a.setup.remote() for a in self.ranks])
+            self.info = self._within(end, [a.setup.remote() for a in self.ranks])
         except BaseException:
             self.kill()  # a rank that failed leaves the others waiting in init_distributed
             raise
 
+    def _within(self, end: float, refs: list) -> list:
+        """The ranks' results of one set-up call, or LearnerSetupTimeout at monotonic time `end` naming what
+        each rank that had not finished was doing."""
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, end - time.monotonic()))
+        if len(ready) < len(refs):
+            late = [r for r, ref in enumerate(refs) if ref not in ready] if len(refs) > 1 else [0]
+            probes = [self.ranks[r].progress.remote() for r in late]
+            done, _ = ray.wait(probes, num_returns=len(probes), timeout=10)
+            what = [ray.get(p) if p in done else f"rank {r}: no answer (its actor process has not started: "
+                    "waiting for CPUs/GPUs, the placement group or its runtime environment)"
+                    for r, p in zip(late, probes)]
+            raise LearnerSetupTimeout(f"learner set-up did not finish within learner.setup_timeout_s = "
+                                      f"{self.timeout_s:g} s: {'; '.join(what)}")
+        return _results(refs)
+
     def call(self, method: str, *args, **kwargs) -> list:
         """The same call on every rank at once; returns their results in rank order."""
-        import ray
-
-        return ray.get([getattr(a, method).remote(*args, **kwargs) for a in self.ranks])
+        return _results([getattr(a, method).remote(*args, **kwargs) for a in self.ranks])
 
     def call_each(self, method: str, args: list[tuple]) -> list:
         """Rank r gets args[r]."""
-        import ray
-
         if len(args) != len(self.ranks):
             raise ValueError(f"call_each({method!r}): {len(args)} argument tuples for {len(self.ranks)} ranks")
-        return ray.get([getattr(a, method).remote(*x) for a, x in zip(self.ranks, args)])
+        return _results([getattr(a, method).remote(*x) for a, x in zip(self.ranks, args)])
 
     def kill(self) -> None:
         import ray
@@ -223,3 +270,19 @@ class LearnerGroup:
         for a in self.ranks:
             ray.kill(a)
         self.ranks = []
+
+
+def _results(refs: list) -> list:
+    """Every rank's result; if some failed, the error of the first rank that failed by itself (a queue
+    error on rank 1, a dead rank), not the PeerFailed of the ranks that only followed it."""
+    from ray.exceptions import RayError
+
+    out, errors = [], []
+    for ref in refs:
+        try:
+            out.append(ray.get(ref))
+        except RayError as e:
+            errors.append(e)
+    if errors:
+        raise next((e for e in errors if not isinstance(e, PeerFailed)), errors[0])
+    return out

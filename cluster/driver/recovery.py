@@ -65,10 +65,12 @@ def replace_generators(s: System, refs: dict, why: str) -> None:
 
 
 def recover_queue(s: System, e: Exception) -> bool:
-    """The queue server failed: restart it if it is ours and died (with queue.aof the stream comes back); if
-    the run's data is gone, set the run up again and reconnect every client. Returns whether it was gone
-    (the caller pushes the step's rollouts again)."""
-    from cluster.transport.queue import Producer, ServerLost, setup_run
+    """A queue operation failed (on any learner rank, or in a grader): restart the server if it is ours and
+    died (with queue.aof the stream comes back); if the run's data is gone, set the run up again and
+    reconnect every client. A read that timed out on a live server (`queue_timeout`) needs neither: the
+    ranks kept the groups they got, and the caller trains the step again. Returns whether the run's data
+    was gone (the caller pushes the step's rollouts again)."""
+    from cluster.transport.queue import Producer, QueueTimeout, ServerLost, setup_run
 
     if s.server is not None and not s.server.running:
         s.server.start()   # same port and directory
@@ -77,7 +79,8 @@ def recover_queue(s: System, e: Exception) -> bool:
         lost = isinstance(e, ServerLost)
     except ServerLost:
         lost = True
-    recovered(s, "queue_lost" if lost else "queue_restarted", reason(e))
+    recovered(s, "queue_lost" if lost else "queue_timeout" if isinstance(e, QueueTimeout) else "queue_restarted",
+              reason(e))
     if lost:
         log.error("the queue server lost this run's stream: setting it up again and re-sending the step")
         setup_run(s.address, s.cfg.queue.reconnect_s)

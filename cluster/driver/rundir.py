@@ -61,7 +61,8 @@ def public_config(cfg: Config) -> Config:
 SAFE_ON_RESUME = ("run.steps", "run.eval_every", "checkpoint.", "metrics.", "cluster.", "sync.timeout_s",
                   "queue.password", "queue.block_timeout_s", "queue.read_timeout_s", "queue.reconnect_s",
                   "queue.claim_idle_s", "reward.timeout_s", "reward.worker_memory_mb", "rollout.kv_cache_gib",
-                  "rollout.max_num_seqs", "rollout.threads", "learner.threads")
+                  "rollout.max_num_seqs", "rollout.threads", "learner.threads",
+                  "learner.setup_timeout_s")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -530,6 +530,15 @@ class Consumer(_Endpoint):
             self._run_ack(eids, None)
             self.counters[f"queue/dropped_{reason}"] += len(eids)
 
+    def release(self, batch: Batch) -> None:
+        """Give back the groups of a read that will not be trained (the step was abandoned, e.g. because
+        another rank's read failed): the next read returns them first. They stay pending on this consumer."""
+        with self._lock:
+            for e in batch.entry_ids:
+                self._inflight.pop(e, None)
+            self._carry = list(zip(batch.entry_ids, batch.groups)) + self._carry
+        self.counters["queue/consumed"] -= len(batch.entry_ids)
+
     # ---- ack
 
     def ack(self, entry_ids: list[str]) -> None:

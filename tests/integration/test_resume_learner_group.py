@@ -124,3 +124,39 @@ def test_learner_group_trains_from_the_queue_and_resumes(ray_local, queue, untra
     assert [_comparable(r) for r in again[1:]] == [_comparable(r) for r in first[1:]]
     assert list(again_weights) == list(first_weights[0])
     assert all(torch.equal(again_weights[k], first_weights[0][k]) for k in again_weights)
+
+
+def test_a_queue_error_on_rank_1_is_raised_and_the_retry_trains_every_group(ray_local, queue,
+                                                                            untrained_tiny_model_dir):
+    """Rank 0 gets its group, rank 1's read times out (a real QueueTimeout): the group raises rank 1's queue
+    error (what the driver recovers from), not rank 0's PeerFailed; rank 0 keeps its group, and the retry
+    trains it with rank 1's, each once."""
+    from cluster.transport.queue import Consumer, Producer, QueueTimeout
+    from learner.worker import LearnerGroup
+
+    cfg = Config()
+    cfg.learner.num_ranks, cfg.learner.threads = 2, 1
+    cfg.queue.claim_idle_s = 3600.0   # rank 1 never reclaims rank 0's pending group
+    first, second = make_groups(seed=5, n_groups=(2,), prefix="q")[0]
+    group = LearnerGroup(cfg, untrained_tiny_model_dir)
+    try:
+        group.call("attach_queue", queue.__dict__)
+        with Producer(queue) as prod:
+            assert prod.put(first)
+        with Consumer(queue, "rank0", cfg.queue) as c:   # the group is pending on rank 0's name: rank 0's
+            assert [g.group_id for g in c.read(1, 0).groups] == ["q0"]   # first read takes it back at once
+        with pytest.raises(QueueTimeout, match="rank1"):
+            group.call_each("train_step", [(1, 0, 0, 120.0), (1, 0, 0, 3.0)])
+        assert [s["version"] for s in group.call("status")] == [0, 0]   # no update
+        with Producer(queue) as prod:
+            assert prod.put(second)
+        stats = group.call_each("train_step", [(1, 0, 0, 120.0), (1, 0, 0, 120.0)])
+        status = group.call("status")
+        trained = group.call("queue_state")[0]["trained"]
+        with Producer(queue) as prod:
+            depth = prod.depth()
+    finally:
+        _stop(group)
+    assert [s["trained"] for s in status] == [["q0"], ["q1"]] and trained == ["q0", "q1"]
+    assert [r["learner/groups"] for r in stats] == [1.0, 1.0] and [r["queue/acked"] for r in stats] == [1.0, 1.0]
+    assert depth["queue/depth"] == 0 and depth["queue/pending"] == 0
