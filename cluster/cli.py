@@ -109,7 +109,9 @@ def train(config: Optional[str] = CONFIG_ARG, overrides: Optional[list[str]] = O
       ledger.jsonl    every group id's fate    checkpoints/   step-NNNNNN/ (DeepSpeed shards)
       report/         report.md and its plots  metrics_url    the Prometheus endpoint
     and, with metrics.trackers, the same series in wandb, mlflow or tensorboard.
-    Exit codes: 0 done; 2 a bad field, path or choice (nothing started); 3 an actor died (resume).
+    Exit codes: 0 done; 2 a bad field, path or choice (nothing started); 3 an actor died (resume);
+    4 no step completed within the hang watchdog's limit (cluster.watchdog_*): every process's stack is in
+    RUN_DIR/hang-stacks.txt (resume).
     """
     from cluster.driver.loops import train as run_train
 

@@ -420,6 +420,13 @@ class ClusterConfig(Section):
     max_recoveries: int = Field(10, ge=0)
     """Recoveries a run may make (a dead or hung generator replaced, the queue server restarted or its lost
     run set up again) before it stops: a crash loop is an error, not a retry storm (docs/reliability.md)."""
+    watchdog_multiple: float = Field(10.0, ge=0)
+    """The driver's hang watchdog: a run in which no step completes within this multiple of the median step
+    time (and at least watchdog_floor_s) writes every process's stack to RUN_DIR/hang-stacks.txt and stops
+    with exit code 4 (cluster/driver/watchdog.py; docs/reliability.md). 0 turns it off."""
+    watchdog_floor_s: float = Field(900.0, gt=0)
+    """The watchdog's limit is never below this (seconds), and is this alone until a step has completed (the
+    first step compiles and warms up; an evaluation or checkpoint makes a step longer)."""
 
 
 class CheckpointConfig(Section):

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from cluster.config import Config
+from cluster.driver.watchdog import EXIT_HUNG  # noqa: F401 - the run's exit codes are read from here
 
 if TYPE_CHECKING:
     from cluster.driver.system import System
@@ -62,11 +63,21 @@ def train(cfg: Config, resume: str | None = None) -> int:
 
     with System.start(cfg, resume=resume) as s:   # on --resume, s.cfg is the run's own config
         loop = sync_loop if s.cfg.run.max_staleness == 0 else async_loop
+        dog = s.start_watchdog()
         try:
             loop(s, range(s.start_step, s.cfg.run.steps))
         except RayActorError as e:
             log.error("an actor the run cannot replace died: %s\nthe run stopped; continue it from its last "
                       "checkpoint with: forkrl train --resume %s", str(e).splitlines()[0], s.run_dir)
             return EXIT_ACTOR_LOST
+        except KeyboardInterrupt:
+            if dog.fired is None:
+                raise
+            dog.taken()
+            log.error("the run stopped: %s\ncontinue it from its last checkpoint with: forkrl train --resume %s",
+                      dog.fired, s.run_dir)
+            return EXIT_HUNG
+        finally:
+            dog.stop()
         s.finish()
     return 0

@@ -46,6 +46,8 @@ class System:
         self._queue_prev: dict[str, float] = {}
         self._pushed: list[Rollout] = []   # the step's rollouts, pushed again if the queue server lost them
         self._leftover = 0   # groups a stopped run left on the stream: the first resumed step trains them too
+        self.phase_now = ("start", time.monotonic())   # the last phase entered and when (the watchdog's report)
+        self.watchdog = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -136,6 +138,8 @@ class System:
     def stop(self) -> None:
         import ray
 
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self._bar is not None:
             self._bar.close()
         if self.actors is not None:
@@ -155,6 +159,7 @@ class System:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        self.phase_now = (name, time.monotonic())
         try:
             yield
         finally:
@@ -317,6 +322,17 @@ class System:
         self._progress(st)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and not last:
             self.save_checkpoint(step + 1)
+        if self.watchdog is not None:
+            self.watchdog.beat()
+
+    def start_watchdog(self):
+        """The driver's hang watchdog (cluster/driver/watchdog.py), started now: call it as the loop starts."""
+        from cluster.driver.watchdog import Watchdog
+
+        c = self.cfg.cluster
+        self.watchdog = Watchdog(self, c.watchdog_multiple, c.watchdog_floor_s)
+        self.watchdog.start()
+        return self.watchdog
 
     def _write(self, step: int, st: dict[str, float]) -> None:
         from cluster.observe.metrics import STALENESS_PREFIX, STEP_STATS
@@ -371,7 +387,7 @@ class System:
         self.step = self.start_step
         with Producer(self.address, self.cfg.queue) as p:
             # delivered or not, never acked (acked = deleted); not a stranger's bytes or a group a read drops
-            self._leftover = int(p.depth()["queue/depth"])  # UNFIXED-TEMP
+            self._leftover = p.trainable(self.version, self.cfg.run.max_staleness)
         self.sync_weights()  # the generators start from the checkpoint's weights
         self.record = StepRecord()
         log.info("resumed from %s at step %d, weights version %d; %d groups left on the stream are trained in "

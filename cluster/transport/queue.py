@@ -328,6 +328,25 @@ class _Endpoint:
         return {"queue/depth": float(xlen), "queue/undelivered": float(max(0, xlen - pend["pending"])),
                 "queue/pending": float(pend["pending"]), "queue/oldest_undelivered_s": age}
 
+    def trainable(self, version: int, max_staleness: int = 0) -> int:
+        """Groups on the stream that a read at `version` would return: entries that decode, were never
+        trained, are fresh and distinct. Unlike `depth()` this leaves out a stranger's bytes and the stale
+        and duplicate entries a read drops (a resumed run trains what a stopped one left, no more)."""
+        k, seen, cursor = self.keys, set(), "-"
+        with _errors(self.addr):
+            while entries := self.conn.xrange(k.stream, min=cursor, count=_CHUNK):
+                cursor = "(" + _s(entries[-1][0])
+                groups = []
+                for _, fields in entries:
+                    try:
+                        groups.append(codec.decode(fields.get(b"g")))
+                    except codec.CodecError:
+                        continue
+                trained = self.conn.smismember(k.trained, [g.group_id for g in groups]) if groups else []
+                seen |= {g.group_id for g, t in zip(groups, trained)
+                         if not t and g.version >= version - max_staleness}
+        return len(seen)
+
     def stats(self) -> StepStats:
         return {**self.counters, **self.depth()}
 

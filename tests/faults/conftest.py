@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
 ROWS: dict[str, tuple[str, str, str, str]] = {}   # fault -> (how injected, outcome, checked by)
-EXPECTED = 8                                      # rows the whole tests/faults suite produces
+EXPECTED = 9                                      # rows the whole tests/faults suite produces
 
 HEADER = """# Reliability: faults tried and what forkrl does
 
@@ -33,9 +33,19 @@ weights) is killed and replaced in its placement bundle under a new id; the weig
 with every member and the learner's current weights and version are pushed; the lost part of the batch is
 sampled again. A queue server that restarts is reconnected (with `queue.aof` nothing is lost); if it lost
 the run, the driver sets the run up again, reconnects the learner ranks and graders, and pushes the step's
-rollouts again (they are still in memory). A learner rank that dies stops the run cleanly (exit code 3);
-`forkrl train --resume RUN_DIR` continues from the last checkpoint. More than `cluster.max_recoveries`
-recoveries stop the run.
+rollouts again (they are still in memory). A queue error on any learner rank (rank 1 of 2 as well as rank
+0) is the error the driver sees: the other ranks give their groups back to their consumer and the step is
+trained again. A learner rank that dies stops the run cleanly (exit code 3); `forkrl train --resume RUN_DIR`
+continues from the last checkpoint, and its first step trains exactly the groups the stopped run left on
+the stream (a stranger's entry there is dropped, not waited for). Learner set-up has a deadline
+(`learner.setup_timeout_s`, the error names what each rank waited for), and a JIT build lock that a killed
+DeepSpeed build left (no process holds it) is removed rather than waited on forever. More than
+`cluster.max_recoveries` recoveries stop the run.
+
+No silent hang: when no step completes within max(`cluster.watchdog_floor_s`, `cluster.watchdog_multiple` x
+the median step time), the driver's watchdog writes every process's stack (py-spy, the driver's own threads)
+to `RUN_DIR/hang-stacks.txt`, logs the step and phase it was stuck in, records a `hang` event in the ledger
+and stops the run with exit code 4 (resume as above).
 
 | fault | how it is injected | outcome (asserted) | test |
 |---|---|---|---|

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cluster.transport.valkey import start_valkey
+from cluster.transport.valkey import LocalServer, start_valkey, valkey_binary
 from tests.faults.conftest import record, rows, total
 
 pytestmark = pytest.mark.slow
@@ -197,7 +197,18 @@ def test_learner_killed_then_resume(start_run, tiny_model_dir, tmp_path):
     assert "bind 127.0.0.1" in text and "protected-mode yes" in text and len(password) >= 32
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600 and stat.S_IMODE(conf.parent.stat().st_mode) == 0o700
 
-    resumed = start_run("--resume", str(run_dir), out=out)
+    # a stranger's entry left on the stopped run's stream (written to its AOF): the resumed first step
+    # must train what the stopped run left, not wait for one group more
+    port = int(next(x.split()[1] for x in text.splitlines() if x.startswith("port ")))
+    server = LocalServer(valkey_binary(), aof=True, data_dir=conf.parent, password=password, port=port).start()
+    try:
+        with server.client() as c:
+            c.xadd(f"forkrl:{run_dir.name}:groups", {"g": os.urandom(100)})
+    finally:
+        server.stop()
+
+    resumed = start_run("--resume", str(run_dir), "queue.read_timeout_s=20", "cluster.max_recoveries=1",
+                        out=out)
     assert resumed.wait() == 0, resumed.log()[-5000:]
     log = resumed.log()
     assert "at step 2, weights version 2" in log
@@ -206,6 +217,7 @@ def test_learner_killed_then_resume(start_run, tiny_model_dir, tmp_path):
     assert len(starts) == 2 and events[starts[1]]["resumed"] and events[starts[1]]["version"] == 2
     events_c = events[starts[1]:]
     ledger_checks(events)   # no group trained twice across both runs
+    assert not [e for e in events_c if e["event"] == "fault"], events_c
     trained_c = {e["step"]: e for e in events_c if e["event"] == "trained"}
     assert sorted(trained_c) == [3, 4, 5, 6] and [trained_c[s]["version"] for s in (3, 4, 5, 6)] == [3, 4, 5, 6]
     recs = rows(run_dir)
@@ -219,11 +231,51 @@ def test_learner_killed_then_resume(start_run, tiny_model_dir, tmp_path):
     assert set(trained_c[3]["ids"]) == gen_c[3] | (set() if 4 in trained_b else gen_b4)
     assert all(set(trained_c[s]["ids"]) == gen_c[s] for s in (4, 5, 6))
     assert all(r.get("queue/dropped_duplicate", 0) == 0 and r.get("queue/dropped_stale", 0) == 0 for r in after)
-    record("learner group killed mid-step", "SIGKILL of every learner rank while it trains step 4",
+    assert after[0]["queue/dropped_malformed"] == 1   # the stranger's entry
+    record("learner group killed mid-step", "SIGKILL of every learner rank while it trains step 4 (and a "
+           "stranger's entry added to its stream before the resume)",
            "the driver stops cleanly (exit code 3, names the resume command); `--resume` restores step 2 and "
            "weights version 2, trains the killed step's groups left on the stream with step 3's, steps continue "
-           "3..6, nothing dropped, no group trained twice across both runs", "test_learner_killed_then_resume")
+           "3..6, nothing dropped, no group trained twice across both runs; the first resumed step does not wait "
+           "for the stranger's entry (dropped as malformed)", "test_learner_killed_then_resume")
     secrets_absent(run_dir, first_log + log, password)
+
+
+def test_hung_generator_stops_the_run_through_the_watchdog(start_run, tiny_model_dir, tmp_path):
+    """A generator stopped by the kernel (SIGSTOP) is alive and never answers: no deadline of the system
+    covers a generate call (and the sync's is set beyond the test). The watchdog stops the run."""
+    run = start_run(*common(tiny_model_dir, 50), f"run.output_dir={tmp_path / 'runs'}",
+                    "cluster.watchdog_multiple=3", "cluster.watchdog_floor_s=60", "sync.timeout_s=900")
+    run.wait_for("trained", 3)
+    deadline = time.monotonic() + 120
+    while not any(r.get("step") == 3 and "time/step_s" in r for r in rows(run.run_dir)):   # step 3 synced
+        assert time.monotonic() < deadline and run.proc.poll() is None, run.log()[-5000:]
+        time.sleep(0.05)
+    gen = run.pids()["generators"][0]
+    os.kill(gen, signal.SIGSTOP)
+    try:
+        rc = run.wait(600)
+    finally:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(gen, sig)
+            except ProcessLookupError:
+                pass
+    log = run.log()
+    assert rc == 4, log[-5000:]
+    hang = [e for e in run.events() if e["event"] == "hang"]
+    assert len(hang) == 1 and hang[0]["phase"] in ("generate", "sync") and hang[0]["step"] >= 4, hang
+    assert "HANG: no step completed in" in log and "cluster.watchdog_multiple = 3" in log
+    assert f"forkrl train --resume {run.run_dir}" in log
+    stacks = (run.run_dir / "hang-stacks.txt").read_text()
+    assert stacks.startswith("== driver") and "forkrl-watchdog" in stacks
+    gen_part = stacks.split(f"(pid {gen}")[1].split("\n== ")[0]
+    assert "Thread " in gen_part, gen_part[:2000]   # the stopped generator's own stack, read by py-spy
+    record("generator hangs (alive, never answers)", "SIGSTOP of a generator actor's process after step 3",
+           "the watchdog (no step within max(cluster.watchdog_floor_s, cluster.watchdog_multiple x the median "
+           "step time)) writes every process's stack, the stopped generator's included, to "
+           "RUN_DIR/hang-stacks.txt, logs the step and phase, records a `hang` event and stops the run with "
+           "exit code 4 naming the resume command", "test_hung_generator_stops_the_run_through_the_watchdog")
 
 
 def _train_fails_before_any_process(tmp_path, *args: str) -> str:
