@@ -180,7 +180,7 @@ class RewardConfig(Section):
 
 
 AdvEstimator = Literal["grpo", "drgrpo", "rloo"]
-LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+LossAgg = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 class AlgorithmConfig(Section):
@@ -188,9 +188,10 @@ class AlgorithmConfig(Section):
     """Advantage: `grpo` (R - mean)/(std_unbiased + 1e-6) (DeepSeekMath 2402.03300); `drgrpo` R - mean
     (Dr.GRPO 2503.20783); `rloo` leave-one-out baseline."""
     loss_agg: LossAgg = "token-mean"
-    """Aggregation: token-mean (DAPO 2503.14476), seq-mean-token-mean (GRPO), seq-mean-token-sum-norm
-    (Dr.GRPO: sum / (responses x L_max)). The token-mean normaliser is the global response-token count of
-    the mini-batch across ranks."""
+    """Aggregation: token-mean (DAPO 2503.14476), seq-mean-token-mean (GRPO), seq-mean-token-sum (verl
+    core_algos.agg_loss: each response's token sum, then the mean over responses: sum / responses),
+    seq-mean-token-sum-norm (Dr.GRPO 2503.20783: sum / (responses x L_max)). The token-mean normaliser is
+    the global response-token count of the mini-batch across ranks."""
     policy_loss: Literal["ppo", "clip_cov", "kl_cov"] = "ppo"
     """Per-token term: PPO-clip (with clip-higher), Clip-Cov or KL-Cov (Cui et al. 2505.22617, 2.5-2.6)."""
     clip_low: float = Field(0.2, ge=0, le=1)
@@ -210,9 +211,11 @@ class AlgorithmConfig(Section):
     entropy_norm: Literal["all_tokens", "selected_tokens"] = "all_tokens"
     """Token-mean normaliser under the mask: all response tokens (the 80/20 paper's objective, TRL) or
     only the selected tokens (the released 80/20 code; ~1/rho larger gradients)."""
-    mask_variant: Literal["top", "bottom", "random"] = "top"
+    mask_variant: Literal["top", "bottom", "random", "threshold"] = "top"
     """Ablations of the 80/20 paper: top-rho entropy tokens, only the (1-rho) lowest-entropy tokens, or a
-    seeded random rho share."""
+    seeded random rho share; `threshold` is TRL's form of the top-rho mask (GRPOTrainer
+    top_entropy_quantile): H >= tau with tau the (1-rho) entropy quantile, every tie at tau taken, so it can
+    select more than ceil(rho*N) tokens (exactly-k `top` is verl's and the 80/20 code's)."""
     clip_cov_ratio: float = Field(2e-4, gt=0, le=1)
     """Clip-Cov r as a FRACTION of valid tokens (2e-4 = 0.02%; verl clip_cov_ratio). Not a percent."""
     clip_cov_lb: float = 1.0
@@ -260,6 +263,9 @@ class AlgorithmConfig(Section):
             raise ValueError("clip_cov_lb must be < clip_cov_ub")
         if self.entropy_coef_min > self.entropy_coef_max:
             raise ValueError("entropy_coef_min must be <= entropy_coef_max")
+        if self.mask_variant == "threshold" and self.entropy_norm == "selected_tokens" and self.entropy_scope == "micro":
+            raise ValueError("mask_variant=threshold with entropy_norm=selected_tokens needs entropy_scope mini or "
+                             "global: its selected count depends on ties, known only once the mask is taken")
         return self
 
 

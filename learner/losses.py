@@ -14,6 +14,8 @@ exactly, whatever the micro-batch split, and so do the gradients. Per `Algorithm
     seq-mean-token-mean (GRPO)      sum_i (sum_{t in i} l_t / n_i) / counts.responses, n_i = the response's
                                     valid tokens, or its selected tokens under selected_tokens (a response
                                     with none selected contributes 0);
+    seq-mean-token-sum (verl)       sum_t l_t / counts.responses (each response's token sum, then the mean
+                                    over responses: verl core_algos.agg_loss "seq-mean-token-sum");
     seq-mean-token-sum-norm (Dr.GRPO)  sum_t l_t / (counts.responses * counts.max_len).
 The KL-to-reference and entropy-bonus terms run over all valid tokens with the all-token normaliser.
 `learner.masks.scope_selected_count` gives a rank's share of counts.selected (from token counts alone for the
@@ -69,7 +71,7 @@ def normalizers(cfg: AlgorithmConfig, counts: BatchCounts) -> tuple[float, float
     if cfg.loss_agg == "token-mean":
         pg = counts.selected if cfg.entropy_norm == "selected_tokens" else counts.tokens
         return float(pg), float(counts.tokens)
-    if cfg.loss_agg == "seq-mean-token-mean":
+    if cfg.loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return float(counts.responses), float(counts.responses)
     norm = float(counts.responses * counts.max_len)
     return norm, norm
@@ -88,7 +90,7 @@ def aggregate(values: torch.Tensor, include: torch.Tensor, per_seq_count: torch.
         seq_sum = torch.zeros(s, dtype=v.dtype, device=v.device).index_add(0, seq_ids, v)
         seq_n = torch.zeros(s, dtype=v.dtype, device=v.device).index_add(0, seq_ids, per_seq_count.to(v.dtype))
         return (seq_sum / seq_n.clamp(min=1)).sum() / norm
-    if mode in ("token-mean", "seq-mean-token-sum-norm"):
+    if mode in ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         return v.sum() / norm
     raise ValueError(f"unknown loss_agg {mode!r}")
 

@@ -11,6 +11,11 @@ Scopes (AlgorithmConfig.entropy_scope) are the caller's choice of what `entropy`
 its micro-batches' entropies in order, calls `forking_mask`, slices the result per micro-batch) or the whole
 mini-batch across ranks (`global`). `mask_active` and `scope_selected_count` are the one place the step and
 the loss learn whether a mask is in use and how many tokens it selects.
+
+The `threshold` variant is TRL's form (GRPOTrainer top_entropy_quantile, `get_high_entropy_mask`): tau is
+the (1 - rho) quantile of the valid entropies with linear interpolation (torch.quantile's default) and the
+mask is H >= tau, so it takes EVERY token tied at the threshold: its count depends on the entropies (>= the
+top-k count when tau falls on a tie, the k of ceil or floor otherwise), not on counts alone.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-VARIANTS = ("top", "bottom", "random")
+VARIANTS = ("top", "bottom", "random", "threshold")
 
 
 def top_count(n: int, rho: float) -> int:
@@ -35,7 +40,9 @@ def top_count(n: int, rho: float) -> int:
 
 def selected_count(n: int, rho: float, variant: str = "top") -> int:
     """How many of n valid tokens the mask selects: k for top/random, n - k for bottom. Known from counts
-    alone, so the caller can compute the `selected_tokens` normaliser before any forward pass."""
+    alone, so the caller can compute the `selected_tokens` normaliser before any forward pass. The
+    threshold variant's count depends on ties: k here is its nominal count (config forbids the
+    selected_tokens normaliser with threshold at the micro scope, where only this count is known)."""
     _check_variant(variant)
     k = top_count(n, rho)
     return n - k if variant == "bottom" else k
@@ -98,6 +105,9 @@ def select_tokens(h: torch.Tensor, rho: float, variant: str = "top",
     k = top_count(h.numel(), rho)
     if k == 0:
         return torch.zeros(0, dtype=torch.long, device=h.device), torch.full((), math.nan, device=h.device)
+    if variant == "threshold":   # TRL: tau = quantile(H, 1 - rho), every token with H >= tau (ties included)
+        tau = quantile(h, 1.0 - rho)
+        return (h.double() >= tau).nonzero().squeeze(1), tau.to(h.dtype)
     # stable descending sort: equal entropies keep their position order
     order = torch.sort(h, descending=True, stable=True).indices
     tau = h[order[k - 1]]
@@ -110,6 +120,16 @@ def select_tokens(h: torch.Tensor, rho: float, variant: str = "top",
             raise ValueError("mask_variant='random' needs a seeded torch.Generator")
         pick = torch.randperm(h.numel(), generator=generator, device=generator.device)[:k].to(h.device)
     return pick, tau
+
+
+def quantile(h: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile (0 <= q <= 1) of a non-empty 1-D tensor with linear interpolation between order
+    statistics (torch.quantile's and numpy's default), in float64, as a 0-d tensor; no input-size limit."""
+    s = torch.sort(h.detach().double()).values
+    pos = (s.numel() - 1) * q
+    lo = min(int(math.floor(round(pos, 9))), s.numel() - 1)
+    hi = min(lo + 1, s.numel() - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def _check_variant(variant: str) -> None:

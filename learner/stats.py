@@ -60,6 +60,41 @@ def covariance_stats(cov: torch.Tensor) -> dict[str, float]:
             "cov/frac_positive": float((c > 0).double().mean())}
 
 
+def group_sequence_stats(token_entropy: torch.Tensor, token_logp: torch.Tensor, lengths: torch.Tensor,
+                         advantages: torch.Tensor, groups: torch.Tensor) -> tuple[float, float, float, float]:
+    """The two sequence-level statistics of Cui et al. 2505.22617 over one rank's responses, as sums and
+    counts (the step adds them over ranks; a group lies whole on one rank):
+
+    - policy entropy, Eq. 5: H = -(1/|D|) sum_x (1/|y|) sum_t E[log pi(y_t)], the full-vocabulary token
+      entropy averaged over each response's tokens, then over the responses of a prompt, then over the
+      prompts (every prompt weighs the same, however long its responses): (sum over prompts, prompts);
+    - the per-group covariance of Sec. 3.3 (Eq. 8/9's bandit view: prompt = state, response = action):
+      Cov_i( mean_t log pi(y_i,t), A_i ) over the responses i of a prompt, the population covariance of the
+      length-normalised sequence log-probability and the advantage, then averaged over the prompts with at
+      least two responses: (sum over those prompts, their number).
+
+    token_entropy, token_logp [T] in response order; lengths [S] (>= 1) the responses' token counts;
+    advantages [S]; groups [S] int64 the prompt of each response. Float64 throughout."""
+    if lengths.numel() == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    dev = token_entropy.device
+    lengths, groups = lengths.to(dev), groups.to(dev)
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+    n = lengths.double()
+    h_seq = torch.zeros(len(n), dtype=torch.float64, device=dev).index_add(0, seq, token_entropy.double()) / n
+    l_seq = torch.zeros(len(n), dtype=torch.float64, device=dev).index_add(0, seq, token_logp.double()) / n
+    _, g = torch.unique(groups, return_inverse=True)
+    n_g = torch.zeros(int(g.max()) + 1, dtype=torch.float64, device=dev).index_add(0, g, torch.ones_like(n))
+
+    def group_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(n_g), dtype=torch.float64, device=dev).index_add(0, g, x) / n_g
+
+    a = advantages.double().to(dev)
+    cov = group_mean((l_seq - group_mean(l_seq)[g]) * (a - group_mean(a)[g]))
+    two = n_g >= 2
+    return float(group_mean(h_seq).sum()), float(len(n_g)), float(cov[two].sum()), float(two.sum())
+
+
 def parts_to_host(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`micro_batch_loss` parts with their 0-d tensors as python floats, in ONE device-to-host copy for
     all of them (the training step calls it once per step); the tokens/ vectors stay tensors."""

@@ -172,7 +172,7 @@ class TrainStep:
         weights version this step produces (learner/version)."""
         from learner.entropy_control import update_control
         from learner.losses import BatchCounts, check_inputs, deepspeed_loss_scale, micro_batch_loss
-        from learner.stats import parts_to_host
+        from learner.stats import group_sequence_stats, parts_to_host
 
         t0 = time.perf_counter()
         cfg, ac, lc = self.cfg, self.cfg.algorithm, self.cfg.learner
@@ -260,6 +260,13 @@ class TrainStep:
         h_local = float(-pi_old[valid].sum()) if ac.entropy_estimator == "sampled" else float(old_ent[valid].sum())
         mm_sum, h_sum, n_all, dropped_all = self.reduce([float(mismatch[valid].sum()), h_local, n_local, dropped])
         mm_max = self.reduce([float(mismatch[valid].max()) if n_local else 0.0], "max")[0]
+        # Cui et al. Eq. 5 and the per-group sequence covariance (Sec. 3.3), under pi_old, over all ranks
+        seq_parts = (0.0, 0.0, 0.0, 0.0)
+        if seqs and n_local == total:
+            seq_parts = group_sequence_stats(old_ent, old_logp, torch.tensor([s.resp_len for s in seqs]),
+                                             torch.tensor([s.advantage for s in seqs], dtype=torch.float64),
+                                             torch.tensor([s.group for s in seqs]))
+        eq5_sum, n_prompts, gcov_sum, n_gcov = self.reduce(list(seq_parts))
         if self.entropy_control is not None and n_all:
             # e_k over all ranks' tokens of the step, under the pre-update policy (docs/algorithms.md 3.2)
             self.entropy_control = update_control(self.entropy_control, h_sum / n_all, ac)
@@ -280,6 +287,10 @@ class TrainStep:
                 "learner/dropped_invalid": dropped_all,
                 "learner/old_logp_pass": 0.0 if single else 1.0,
             })
+            if n_prompts:
+                stats["entropy/policy"] = eq5_sum / n_prompts
+            if n_gcov:
+                stats["cov/seq_group_mean"] = gcov_sum / n_gcov
         return stats
 
     def _global_summary(self, parts: list[dict[str, Any]], n_updates: int) -> StepStats:

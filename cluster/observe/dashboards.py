@@ -136,9 +136,11 @@ def entropy() -> db.Dashboard:
                   "that drive entropy change (Wang et al. 2506.01939; Cui et al. 2505.22617).")
             .with_row(db.Row("Entropy"))
             .with_panel(ts("Policy entropy and token percentiles",
-                           "Policy entropy H and the p50/p80/p95/p99 token entropies of each training batch. "
-                           "The upper percentiles are the forking tokens.", "short",
+                           "Policy entropy H (Cui et al. Eq. 5: per response, then over prompts), the token mean "
+                           "and the p50/p80/p95/p99 token entropies of each training batch. The upper "
+                           "percentiles are the forking tokens.", "short",
                            q(f"forkrl_policy_entropy_nats{R}", "{{run}} H"),
+                           q(f"forkrl_token_entropy_mean_nats{R}", "{{run}} token mean"),
                            q(f"forkrl_token_entropy_nats{R}", "{{run}} p{{percentile}}")))
             .with_panel(_entropy_vs_floor())
             .with_panel(ts("Forking threshold tau", "Entropy threshold of the top-rho mask (nats).", "short",
@@ -173,6 +175,10 @@ def entropy() -> db.Dashboard:
                            q(f"forkrl_covariance_mean{R}", "{{run}} mean"),
                            q(f"forkrl_covariance_max{R}", "{{run}} max"),
                            q(f"forkrl_covariance_top_mean{R}", "{{run}} top 0.02% mean"), span=8))
+            .with_panel(ts("Sequence covariance per prompt", "Per prompt, the covariance over its responses of "
+                           "the length-normalised sequence log-prob and the advantage, mean over prompts (Cui et "
+                           "al. Sec. 3.3, Eq. 8/9): what the entropy change tracks in the bandit view.", "short",
+                           q(f"forkrl_covariance_sequence_group_mean{R}"), span=8))
             .with_panel(ts("Positive covariance share", "Share of tokens with positive covariance.", "percentunit",
                            q(f"forkrl_covariance_positive_ratio{R}"), span=8))
             .with_panel(ts("Clip-Cov / KL-Cov tokens per step", "Tokens whose gradient Clip-Cov detached or "

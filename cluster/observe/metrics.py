@@ -66,8 +66,10 @@ STEP_STATS: dict[str, Metric] = {
     # Weights
     "learner/version": _g("forkrl_weights_version", "Weights version the learner last published"),
     # Entropy (80/20: Wang et al. 2506.01939; Entropy Mechanism: Cui et al. 2505.22617)
-    "entropy/mean": _g("forkrl_policy_entropy_nats",
-                       "Policy entropy H: mean token entropy of the step's response tokens (nats)"),
+    "entropy/policy": _g("forkrl_policy_entropy_nats",
+                         "Policy entropy H (Cui et al. Eq. 5): token entropy averaged per response, then over "
+                         "the prompts (nats); the H of the collapse fit"),
+    "entropy/mean": _g("forkrl_token_entropy_mean_nats", "Mean token entropy of the step's response tokens (nats)"),
     "entropy/p50": _g("forkrl_token_entropy_nats", _ENTROPY_Q, percentile="50"),
     "entropy/p80": _g("forkrl_token_entropy_nats", _ENTROPY_Q, percentile="80"),
     "entropy/p95": _g("forkrl_token_entropy_nats", _ENTROPY_Q, percentile="95"),
@@ -82,6 +84,9 @@ STEP_STATS: dict[str, Metric] = {
     "cov/max": _g("forkrl_covariance_max", "Largest token covariance of log-prob and advantage"),
     "cov/top_0.02pct_mean": _g("forkrl_covariance_top_mean", "Mean covariance of the top 0.02% tokens by covariance"),
     "cov/frac_positive": _g("forkrl_covariance_positive_ratio", "Share of tokens with positive covariance"),
+    "cov/seq_group_mean": _g("forkrl_covariance_sequence_group_mean",
+                             "Per-prompt covariance of length-normalised sequence log-prob and advantage, "
+                             "mean over prompts (Cui et al. Sec. 3.3, Eq. 8/9)"),
     "clip_cov/clipped": _c("forkrl_clip_cov_clipped_tokens_total", "Tokens whose gradient Clip-Cov detached"),
     "kl_cov/penalised": _c("forkrl_kl_cov_penalized_tokens_total", "Tokens KL-Cov penalised"),
     # Policy loss
@@ -104,7 +109,7 @@ STEP_STATS: dict[str, Metric] = {
     "sampling/drop_share": _g("forkrl_dynamic_sampling_drop_ratio",
                               "Share of graded groups DAPO dynamic sampling dropped (all rewards equal)"),
     "sampling/refill_rounds": _g("forkrl_dynamic_sampling_refill_rounds",
-                                 "DAPO refill rounds of the step: generation batches after the first (reward.max_gen_batches)"),
+                                 "DAPO refill rounds of the step (generation batches after the first)"),
     # Queue
     "queue/undelivered": _g("forkrl_queue_depth_groups", "Scored groups on the stream not yet delivered"),
     "queue/produced": _c("forkrl_queue_produced_groups_total", "Scored groups added to the stream"),
@@ -258,7 +263,8 @@ class MetricsExporter:
         """
         staleness = self._validate(step, stats)
         step = int(step)
-        self.tracker.add(step, stats.get("entropy/mean"), stats.get("eval/accuracy_avg"))
+        # H of the fit: Cui et al. Eq. 5 (entropy/policy); the token mean when a caller has only that
+        self.tracker.add(step, stats.get("entropy/policy", stats.get("entropy/mean")), stats.get("eval/accuracy_avg"))
         now = time.time()
         for key, value in stats.items():
             m = STEP_STATS.get(key)
@@ -309,7 +315,7 @@ class MetricsExporter:
                 problems.append(f"{key}: unknown StepStats key" + (f" (did you mean {close[0]}?)" if close else ""))
             elif STEP_STATS[key].kind != "gauge" and not (math.isfinite(value) and value >= 0):
                 problems.append(f"{key}: a {STEP_STATS[key].kind} needs a finite value >= 0, got {value!r}")
-            elif key == "entropy/mean" and not (math.isfinite(value) and value >= 0):
+            elif key in ("entropy/mean", "entropy/policy") and not (math.isfinite(value) and value >= 0):
                 problems.append(f"{key}: the collapse fit needs a finite entropy >= 0 nats, got {value!r}")
             elif key == "eval/accuracy_avg" and not 0.0 <= value <= 1.0:
                 problems.append(f"{key}: the collapse fit needs an accuracy in [0, 1], got {value!r}")

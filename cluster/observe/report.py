@@ -74,8 +74,10 @@ def _collapse_plot(path: Path, rows: list[dict]) -> str | None:
 
     from cluster.observe.collapse import fit_collapse
 
-    pairs = [(r["entropy/mean"], r["eval/accuracy_avg"]) for r in rows
-             if "entropy/mean" in r and "eval/accuracy_avg" in r and math.isfinite(r["entropy/mean"])]
+    def h_of(r: dict) -> float:   # the tracker's H: Cui et al. Eq. 5, the token mean for older runs
+        return r.get("entropy/policy", r.get("entropy/mean", math.nan))
+
+    pairs = [(h_of(r), r["eval/accuracy_avg"]) for r in rows if "eval/accuracy_avg" in r and math.isfinite(h_of(r))]
     if len(pairs) < 2:
         return None
     h, acc = map(np.asarray, zip(*pairs))
@@ -129,7 +131,7 @@ def write_report(run_dir: str | Path) -> Path:
     add("reward.png", "Training reward and accuracy", [("reward", "reward/mean"), ("accuracy", "reward/accuracy")])
     add("eval.png", "Eval accuracy", [("avg@k", "eval/accuracy_avg"), ("pass@k", "eval/accuracy_pass")], "accuracy")
     add("entropy.png", "Policy entropy percentiles", [(f"p{q}", f"entropy/p{q}") for q in (50, 80, 95, 99)]
-        + [("mean", "entropy/mean")], "nats")
+        + [("H (Eq. 5)", "entropy/policy"), ("token mean", "entropy/mean")], "nats")
     add("forking.png", "Forking tokens", [("selected share", "selected_frac"),
                                           ("share H > 0.672", "entropy/frac_above_0.672"), ("tau", "tau")])
     add("covariance.png", "Covariance of log-prob and advantage",

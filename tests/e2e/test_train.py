@@ -98,6 +98,9 @@ def test_async_run_overlaps_and_bounds_staleness(tmp_path, tiny_model_dir):
         assert r["reward/groups_kept"] == 8 or r["sampling/refill_rounds"] == 3, r
         assert r["reward/groups"] == r["reward/groups_kept"] + r["reward/dropped_zero_var"] + r["reward/invalid_groups"]
     assert warned == sum(r["reward/groups_kept"] < 8 for r in train), warned
+    # Cui et al. Eq. 5 (per response, then over prompts) and the per-group sequence covariance, every step
+    for r in train:
+        assert 0 < r["entropy/policy"] < 10 and math.isfinite(r["cov/seq_group_mean"])
     assert any(r["sampling/refill_rounds"] > 0 for r in train) or all(r["reward/groups"] == 8 for r in train)
     # after the first step every trained group was sampled one version behind the learner
     for r in train[1:]:

@@ -35,10 +35,11 @@ def step_stats(run: str, step: int) -> dict[str, float]:
     acc = -0.1 * math.exp(h) + 0.9 + noise
     stats = {
         "learner/version": step + 1,
-        "entropy/mean": h, "entropy/p50": 0.2 * h, "entropy/p80": 0.9 * h, "entropy/p95": 2.5 * h,
+        "entropy/policy": h, "entropy/mean": h, "entropy/p50": 0.2 * h, "entropy/p80": 0.9 * h, "entropy/p95": 2.5 * h,
         "entropy/p99": 4.0 * h, "tau": 0.9 * h, "selected_frac": 0.2,
         "entropy/frac_above_0.672": min(1.0, 0.25 * h), "learner/entropy_coef": 1e-4 * step,
         "cov/mean": 0.003, "cov/max": 6.0 - 0.1 * step, "cov/top_0.02pct_mean": 5.6, "cov/frac_positive": 0.55,
+        "cov/seq_group_mean": 0.02,
         "clip_cov/clipped": 3, "kl_cov/penalised": 10 if run == "healthy" else 0,
         "clip/low_frac": 0.01, "clip/high_frac": 0.02, "kl/approx": 1e-3,
         "loss": -0.01, "learner/grad_norm": 0.5,

@@ -47,7 +47,7 @@ def exporter():
 def stats_for(step: int) -> dict[str, float]:
     """Distinct value per key (so a key mapped to the wrong series is caught)."""
     out = {key: 0.001 * (i + 1) + step for i, key in enumerate(STEP_STATS)}
-    out["entropy/mean"] = 1.0 - 0.1 * step
+    out["entropy/policy"] = 1.0 - 0.1 * step   # Cui et al. Eq. 5: the H of the fit (entropy/mean is not)
     out["eval/accuracy_avg"] = 0.2 + 0.05 * step + 0.01 * (step % 2)
     out["queue/staleness/0"] = 3
     out["queue/staleness/5"] = step
@@ -90,7 +90,7 @@ def test_every_key_reaches_its_metric(exporter):
     info = {k: v for (name, labels), v in got.items() if name == INFO_NAME for k, v in labels}
     assert info["model"] == "tiny" and info["policy_loss"] == "kl_cov" and info["version"]
     # Collapse outputs equal an independent float64 fit of the four (entropy, accuracy) pairs.
-    h_ = np.array([stats_for(s)["entropy/mean"] for s in range(4)])
+    h_ = np.array([stats_for(s)["entropy/policy"] for s in range(4)])
     r_ = np.array([stats_for(s)["eval/accuracy_avg"] for s in range(4)])
     design = np.stack([-np.exp(h_), np.ones(4)], 1)
     (a, b), *_ = np.linalg.lstsq(design, r_, rcond=None)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -111,6 +112,8 @@ def ref_loss(logits, tokens, old_logp, adv, seq_ids, counts, cfg, *, temperature
         all_norm = counts.tokens
     elif cfg.loss_agg == "seq-mean-token-mean":
         pg_norm = all_norm = counts.responses
+    elif cfg.loss_agg == "seq-mean-token-sum":   # verl: mean over responses of each response's token sum
+        pg_norm = all_norm = counts.responses
     else:
         pg_norm = all_norm = counts.responses * counts.max_len
     per_seq_denominator = sel if cfg.entropy_norm == "selected_tokens" else valid
@@ -168,7 +171,7 @@ def assert_matches(batch, cfg, *, scale=1, temperature=1.0, entropy_coef=0.0, se
     return part
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("norm", ["all_tokens", "selected_tokens"])
 @pytest.mark.parametrize("rho", [1.0, 0.3])
 def test_ppo_loss_matches_reference(agg, norm, rho):
@@ -276,7 +279,7 @@ def test_bottom_and_random_variants():
 
 def test_masked_tokens_get_exactly_zero_gradient_and_selected_equal_unmasked():
     batch = make_batch(40, LENGTHS, spread=0.5)
-    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
         masked_cfg = AlgorithmConfig(loss_agg=agg, top_entropy_ratio=0.3, entropy_scope="micro")
         _, grad_masked, part = run_loss(batch, counts_for(48, 15), masked_cfg)
         _, grad_full, _ = run_loss(batch, counts_for(48, 15), AlgorithmConfig(loss_agg=agg))
@@ -308,7 +311,7 @@ def test_all_masked_gives_zero_loss_and_gradient():
         assert loss == 0.0 and (grad == 0).all() and part["count/selected"] == 0
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("scope", ["micro", "mini"])
 def test_micro_batch_losses_sum_to_the_mini_batch_loss(agg, scope):
     """Summing micro-batch losses (global normalisers) reproduces the one-shot mini-batch loss and gradient."""
@@ -396,6 +399,7 @@ def test_normalizers_and_deepspeed_scale():
     assert normalizers(AlgorithmConfig(), counts) == (1000.0, 1000.0)
     assert normalizers(AlgorithmConfig(entropy_norm="selected_tokens"), counts) == (200.0, 1000.0)
     assert normalizers(AlgorithmConfig(loss_agg="seq-mean-token-mean"), counts) == (16.0, 16.0)
+    assert normalizers(AlgorithmConfig(loss_agg="seq-mean-token-sum"), counts) == (16.0, 16.0)
     assert normalizers(AlgorithmConfig(loss_agg="seq-mean-token-sum-norm"), counts) == (2048.0, 2048.0)
     assert deepspeed_loss_scale(4) == 4.0 and deepspeed_loss_scale(2, 8) == 16.0
 
@@ -481,3 +485,23 @@ def test_on_policy_old_logp_none_is_the_detached_logp_of_this_pass(policy, tempe
     assert on[2]["max/ratio"] == on[2]["min/ratio"] == 1.0 and "tokens/logp" not in given[2]
     for key in ("count/clip_low", "count/clip_high", "count/clip_cov", "count/kl_cov", "sum/neg_old_logp"):
         assert on[2][key] == pytest.approx(given[2][key], rel=1e-5), key
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum"])
+def test_threshold_mask_in_the_loss_trains_every_token_at_or_above_tau(agg):
+    """mask_variant=threshold inside the loss (micro scope) = the same loss with TRL's mask given explicitly;
+    masked tokens get exactly zero gradient."""
+    batch = make_batch(44, LENGTHS, spread=0.5)
+    logits, tokens = batch[0], batch[1]
+    _, entropy = token_stats(logits, tokens)
+    entropy = entropy.double()
+    tau = float(np.quantile(entropy.numpy(), 0.7))   # TRL: the (1 - rho) quantile, then H >= tau
+    want = entropy >= tau
+    cfg = AlgorithmConfig(loss_agg=agg, top_entropy_ratio=0.3, mask_variant="threshold", entropy_scope="micro")
+    counts = counts_for(48, int(want.sum()))
+    loss, grad, part = run_loss(batch, counts, cfg)
+    given, g_given, _ = run_loss(batch, counts, AlgorithmConfig(loss_agg=agg), mask=(want, tau))
+    assert part["count/selected"] == int(want.sum())
+    assert loss == pytest.approx(given, rel=1e-12, abs=1e-12)
+    torch.testing.assert_close(grad, g_given, rtol=0, atol=0)
+    assert (grad[~want] == 0).all()

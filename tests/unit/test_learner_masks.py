@@ -111,3 +111,48 @@ def test_edge_cases_and_errors():
     with pytest.raises(ValueError, match="1-D"):
         forking_mask(torch.rand(5, 2), 0.5)
 
+
+
+def ref_threshold(entropy: list[float], valid: list[bool], rho: float) -> tuple[list[bool], float]:
+    """TRL's get_high_entropy_mask written the obvious way in float64: tau = the (1 - rho) quantile of the
+    valid entropies (numpy's linear interpolation), every valid token with H >= tau."""
+    import numpy as np
+
+    h = np.array([e for e, v in zip(entropy, valid) if v], dtype=np.float64)
+    if h.size == 0:
+        return [False] * len(entropy), math.nan
+    tau = float(np.quantile(h, 1.0 - rho))
+    return [bool(v and e >= tau) for e, v in zip(entropy, valid)], tau
+
+
+def test_threshold_variant_is_trls_quantile_form_taking_every_tie():
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        n = int(torch.randint(1, 60, (1,), generator=g))
+        levels = int(torch.randint(1, 6, (1,), generator=g))
+        entropy = (torch.randint(0, levels, (n,), generator=g).double() * 0.25 if trial % 2 == 0
+                   else torch.rand(n, generator=g, dtype=torch.float64))   # many ties, or none
+        valid = torch.rand(n, generator=g) < (0.3 if trial % 3 == 0 else 1.0)
+        rho = [0.2, 0.5, 0.01, 1.0, 0.33][trial % 5]
+        mask, tau = forking_mask(entropy, rho, "threshold", valid=valid)
+        ref, ref_tau = ref_threshold(entropy.tolist(), valid.tolist(), rho)
+        assert mask.tolist() == ref, (trial, rho)
+        assert (math.isnan(tau) and math.isnan(ref_tau)) or tau == pytest.approx(ref_tau, rel=1e-12, abs=1e-15)
+    # ties at the threshold: top takes exactly k (earliest first), threshold takes all of them
+    h = torch.tensor([0.1, 0.9, 0.5, 0.9, 0.9, 0.2], dtype=torch.float64)
+    assert forking_mask(h, 0.2, "top")[0].tolist() == [False, True, False, True, False, False]   # k = 2
+    assert forking_mask(h, 0.2, "threshold")[0].tolist() == [False, True, False, True, True, False]
+    # one token, rho = 1 and all-equal entropies: everything
+    assert forking_mask(torch.tensor([0.3]), 0.2, "threshold")[0].tolist() == [True]
+    assert forking_mask(torch.rand(9, generator=g), 1.0, "threshold")[0].all()
+    assert forking_mask(torch.full((7,), 0.4), 0.3, "threshold")[0].all()
+
+
+def test_threshold_with_the_selected_normaliser_needs_a_precomputed_mask():
+    from cluster.config import AlgorithmConfig
+
+    with pytest.raises(ValueError, match="threshold"):
+        AlgorithmConfig(mask_variant="threshold", entropy_norm="selected_tokens", entropy_scope="micro",
+                        top_entropy_ratio=0.2)
+    AlgorithmConfig(mask_variant="threshold", entropy_norm="selected_tokens", entropy_scope="global",
+                    top_entropy_ratio=0.2)

@@ -97,3 +97,60 @@ def test_merged_micro_batches_equal_the_whole_batch():
 def test_summary_without_statistics_and_of_nothing():
     assert summarize([{"loss": 1.5}, {"loss": 2.0}]) == {"loss": 3.5}
     assert summarize([]) == {}
+
+
+def _ref_group_sequence_stats(h, lp, lengths, adv, groups):
+    """Cui et al. Eq. 5 and the per-group sequence covariance written the obvious way, in python floats."""
+    resp_h, resp_l, at = [], [], 0
+    for n in lengths:
+        resp_h.append(sum(h[at:at + n]) / n)
+        resp_l.append(sum(lp[at:at + n]) / n)
+        at += n
+    by = {}
+    for i, g in enumerate(groups):
+        by.setdefault(g, []).append(i)
+    eq5 = sum(sum(resp_h[i] for i in m) / len(m) for m in by.values()) / len(by)
+    covs = []
+    for m in by.values():
+        if len(m) < 2:
+            continue
+        ml, ma = sum(resp_l[i] for i in m) / len(m), sum(adv[i] for i in m) / len(m)
+        covs.append(sum((resp_l[i] - ml) * (adv[i] - ma) for i in m) / len(m))
+    return eq5, (sum(covs) / len(covs) if covs else float("nan"))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_group_sequence_stats_match_eq5_and_the_group_covariance_in_float64(seed):
+    from learner.stats import group_sequence_stats
+
+    rng = np.random.default_rng(seed)
+    groups, lengths = [], []
+    for g in range(int(rng.integers(1, 6))):
+        for _ in range(int(rng.integers(1, 5))):       # a group of one response has no covariance
+            groups.append(g * 7)                       # group ids need not be contiguous
+            lengths.append(int(rng.integers(1, 12)))   # one-token responses included
+    order = rng.permutation(len(groups))               # responses of a group need not be adjacent
+    groups, lengths = [groups[i] for i in order], [lengths[i] for i in order]
+    t = sum(lengths)
+    h, lp = rng.random(t) * 3, -rng.random(t) * 5
+    adv = rng.normal(size=len(groups))
+    eq5_sum, n_p, cov_sum, n_c = group_sequence_stats(torch.tensor(h), torch.tensor(lp), torch.tensor(lengths),
+                                                      torch.tensor(adv), torch.tensor(groups))
+    eq5, cov = _ref_group_sequence_stats(h.tolist(), lp.tolist(), lengths, adv.tolist(), groups)
+    assert n_p == len(set(groups))
+    assert eq5_sum / n_p == pytest.approx(eq5, rel=1e-12, abs=1e-14)
+    if n_c:
+        assert cov_sum / n_c == pytest.approx(cov, rel=1e-10, abs=1e-13)
+    else:
+        assert math.isnan(cov) and cov_sum == 0
+    # Eq. 5 is not the token mean: long responses do not weigh more
+    if len(set(lengths)) > 1:
+        assert eq5_sum / n_p != pytest.approx(float(np.mean(h)), rel=1e-9)
+
+
+def test_group_sequence_stats_of_nothing():
+    from learner.stats import group_sequence_stats
+
+    z = torch.zeros(0)
+    assert group_sequence_stats(z, z, torch.zeros(0, dtype=torch.long), z, torch.zeros(0, dtype=torch.long)) == (
+        0.0, 0.0, 0.0, 0.0)
