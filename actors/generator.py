@@ -30,6 +30,15 @@ from cluster.types import Prompt, Response, Rollout
 EXTENSION = "actors.vllm_ext.WeightSyncWorker"
 
 
+def request_seed(eval_seed: int, prompt_id: str) -> int:
+    """The sampling seed of one evaluation prompt (vLLM gives its k-th sample seed + k): a function of the
+    evaluation's seed and the prompt alone, so an evaluation samples the same responses whatever the
+    generator, the batch it is in or what the engine sampled before (in-run and `forkrl eval` alike)."""
+    import zlib
+
+    return zlib.crc32(f"{eval_seed}:{prompt_id}".encode()) & 0x3FFFFFFF
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How to sample one call: n responses per prompt; temperature 0 is greedy (tests, references)."""
@@ -124,7 +133,8 @@ class _VLLMEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.eos = _eos_ids(model_path, self.tokenizer)
 
-    def generate(self, prompt_ids: list[list[int]], s: Sampling) -> list[list[_Sample]]:
+    def generate(self, prompt_ids: list[list[int]], s: Sampling,
+                 seeds: list[int] | None = None) -> list[list[_Sample]]:
         from vllm import SamplingParams
 
         # detokenize=False: vLLM would otherwise also decode every logprob token one by one (~15% of the
@@ -132,6 +142,10 @@ class _VLLMEngine:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=0,
                                 max_tokens=s.max_new_tokens, logprobs=0, flat_logprobs=True, detokenize=False,
                                 stop_token_ids=self.eos)
+        if seeds is not None:   # a per-request generator each (the engine's global RNG is not touched)
+            params = [params.clone() for _ in seeds]
+            for p, seed in zip(params, seeds):
+                p.seed = seed
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
         flat = [o for out in outs for o in out.outputs]
         texts = self.tokenizer.batch_decode([list(o.token_ids) for o in flat], skip_special_tokens=True)
@@ -175,11 +189,14 @@ class _HFEngine:
         self.max_model_len = max_model_len
         self._rx = self._manifest = None
 
-    def generate(self, prompt_ids: list[list[int]], s: Sampling) -> list[list[_Sample]]:
+    def generate(self, prompt_ids: list[list[int]], s: Sampling,
+                 seeds: list[int] | None = None) -> list[list[_Sample]]:
         import torch
 
         from cluster.data.sampling import cut_at_eos, hf_sample, left_pad
 
+        if seeds:   # one batch, one generator: the same call samples the same (not per request, as vLLM)
+            torch.manual_seed(seeds[0])
         with torch.inference_mode():
             out = hf_sample(self.model, left_pad(prompt_ids, self.pad), temperature=s.temperature, top_p=s.top_p,
                             n=s.n, max_new_tokens=s.max_new_tokens, eos_token_id=sorted(self.eos),
@@ -233,8 +250,9 @@ class Generator:
     """Body of a generator Ray actor; create it with `generator_actor`."""
 
     def __init__(self, generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
-                 seed: int = 0, max_model_len: int = 512):
+                 seed: int = 0, max_model_len: int = 512, eval_seed: int | None = None):
         self.generator_id, self.rollout = generator_id, rollout
+        self.eval_seed = seed if eval_seed is None else eval_seed   # `evaluate`'s per-prompt seeds
         self.max_model_len = max_model_len
         engine = {"vllm": _VLLMEngine, "hf": _HFEngine}[rollout.backend]
         t0 = time.perf_counter()
@@ -258,10 +276,13 @@ class Generator:
         return self._run(prompts, s, prefix="")
 
     def evaluate(self, prompts: list[Prompt]) -> list[Rollout]:
-        """Eval sampling: rollout.eval_samples responses per prompt at eval_temperature / eval_top_p."""
-        return self._run(prompts, Sampling.eval(self.rollout), prefix="eval")
+        """Eval sampling: rollout.eval_samples responses per prompt at eval_temperature / eval_top_p, each
+        prompt seeded by `request_seed(eval_seed, prompt_id)` (reproducible: `forkrl eval`)."""
+        return self._run(prompts, Sampling.eval(self.rollout), prefix="eval",
+                         seeds=[request_seed(self.eval_seed, p.prompt_id) for p in prompts])
 
-    def _run(self, prompts: list[Prompt], s: Sampling, prefix: str) -> list[Rollout]:
+    def _run(self, prompts: list[Prompt], s: Sampling, prefix: str,
+             seeds: list[int] | None = None) -> list[Rollout]:
         if self.broken:
             raise RuntimeError(f"generator {self.generator_id}: {self.broken}")
         ids = []
@@ -274,7 +295,7 @@ class Generator:
                                  f"tokens exceed the engine's max_model_len {self.max_model_len}")
             ids.append(tokens.astype(np.int64).tolist())
         t0 = time.perf_counter()
-        groups = self.engine.generate(ids, s) if ids else []
+        groups = self.engine.generate(ids, s, seeds) if ids else []
         seconds = time.perf_counter() - t0
         batch_tokens = sum(len(x.token_ids) for g in groups for x in g)
         out = []
@@ -338,7 +359,8 @@ class Generator:
 
 def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, *, dtype: str = "float32",
                     seed: int = 0, max_model_len: int = 512, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                    gpus: float | None = None, extra_env: dict[str, str] | None = None, **actor_options):
+                    gpus: float | None = None, extra_env: dict[str, str] | None = None,
+                    eval_seed: int | None = None, **actor_options):
     """Start one generator Ray actor with the engine environment (docs/platform.md "Environment variables of actors") merged into forkrl's;
     actor_options (e.g. a placement-group scheduling_strategy) go to Ray's `.options`."""
     import ray
@@ -348,5 +370,6 @@ def generator_actor(generator_id: str, model_path: str, rollout: RolloutConfig, 
     env = {**runtime_env_vars(), **engine_env(rollout, num_gpus if gpus is None else gpus), **(extra_env or {})}
     cls = ray.remote(Generator).options(num_cpus=num_cpus, num_gpus=num_gpus, runtime_env={"env_vars": env},
                                         **actor_options)
-    return cls.remote(generator_id, str(model_path), rollout, dtype=dtype, seed=seed, max_model_len=max_model_len)
+    return cls.remote(generator_id, str(model_path), rollout, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      eval_seed=eval_seed)
 

@@ -175,6 +175,18 @@ class Trainer:
         """Copies of all full weights by HF name (collective under ZeRO-3; for checks and exports)."""
         return {n: t.detach().clone().cpu() for n, t in self.named_weights()}
 
+    def token_logprobs(self, groups: list[ScoredGroup]) -> list[list[float]]:
+        """The learner's log-probs (at rollout.temperature, no grad) of every non-empty response of `groups`
+        under the current weights, in group order: the pass that gives a step its pi_old (every rank calls
+        it, each with its own groups; for checks: `forkrl export`'s test)."""
+        from learner.batching import sequences, token_offsets
+
+        seqs = sequences(groups)
+        offsets = token_offsets(seqs)
+        mbs = self.step._micro_batches(seqs, list(range(len(seqs))), offsets, no_grad=True)
+        logp, _ = self.step._token_pass(mbs, sum(s.resp_len for s in seqs), with_entropy=False)
+        return [logp[o:o + s.resp_len].cpu().tolist() for s, o in zip(seqs, offsets)]
+
     def init_sender(self, host: str, port: int, world_size: int) -> None:
         """Rank 0 joins the weight-sync group as its rank 0 (blocks until the generators joined)."""
         self.publisher.open(host, port, world_size)

@@ -19,9 +19,10 @@ from cluster.transport.sink import QueueSink
 log = logging.getLogger("forkrl")
 
 
-def start_ray(cfg: Config) -> tuple[bool, bool]:
+def start_ray(cfg: Config, log_to_driver: bool = True) -> tuple[bool, bool]:
     """Join the cluster of RAY_ADDRESS / cluster.address / a `ray start` on this machine (as under
     `ray job submit`), else start a private local one. Never join another process's private Ray.
+    `log_to_driver=False`: the actors' output does not come to this process's stdout (`forkrl eval`).
     Returns (local: the cluster is this one machine, started: this process started it)."""
     import ray
 
@@ -32,11 +33,11 @@ def start_ray(cfg: Config) -> tuple[bool, bool]:
         return _one_node(), False
     address = cfg.cluster.address or _started_cluster()
     if address:
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
         log.info("joined the Ray cluster at %s", address)
         return _one_node(), False
     ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
-             dashboard_host=cfg.cluster.dashboard_host)
+             dashboard_host=cfg.cluster.dashboard_host, log_to_driver=log_to_driver)
     return True, True
 
 
@@ -102,7 +103,7 @@ class Actors:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from actors.grader import GraderPool
+        from cluster.driver.evaluation import eval_graders
         from learner.worker import LearnerGroup
 
         cfg, c = self.cfg, self.cfg.cluster
@@ -121,12 +122,7 @@ class Actors:
         t0 = time.perf_counter()
         self.generators = [self.new_generator(i) for i in range(n_gen)]
         self.graders = self.new_graders()
-        eval_reward = cfg.reward.model_copy(update=dict(
-            ttrl=False, dynamic_sampling=False, noise_flip_prob=0.0, correct=1.0, incorrect=0.0, format_reward=0.0,
-            overlong_buffer=0, rent_coef=0.0, num_graders=1))
-        self.eval_graders = GraderPool(eval_reward, adv_estimator=cfg.algorithm.adv_estimator,
-                                       l_max=cfg.rollout.max_new_tokens, seed=cfg.run.seed,
-                                       num_cpus=c.grader_cpus)
+        self.eval_graders = eval_graders(cfg)
         first = n_gen * len(generator_bundles(cfg))
         self.learner = LearnerGroup(cfg, self.model_path, [opts(first + r) for r in range(n_rank)],
                                     loopback=self.local)
@@ -152,7 +148,8 @@ class Actors:
         ray_tp = per > 1   # vLLM's Ray executor: one worker actor per bundle, the generator actor holds no GPU
         return generator_actor(
             f"{self.run_id}-g{i}-{secrets.token_hex(3)}", self.model_path, cfg.rollout, dtype=cfg.model.dtype,
-            seed=cfg.run.seed + i, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+            seed=cfg.run.seed + i, eval_seed=cfg.run.seed,
+            max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
             num_cpus=c.generator_cpus, num_gpus=0 if ray_tp else c.generator_gpus, gpus=c.generator_gpus,
             extra_env={"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, own))} if ray_tp else None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=own[0],

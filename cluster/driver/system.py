@@ -19,8 +19,7 @@ from cluster.driver import recovery
 from cluster.driver.memory import check_gpu_memory
 from cluster.driver.placement import Actors, check_local_fit, start_ray
 from cluster.driver.rundir import RunLog, latest_checkpoint, open_run_dir, run_state, save_checkpoint, write_pids
-from cluster.driver.stepstats import (StepRecord, eval_stats, merge_rank_stats, metrics_line, rollout_stats,
-                                      step_stats)
+from cluster.driver.stepstats import StepRecord, merge_rank_stats, metrics_line, rollout_stats, step_stats
 from cluster.split import split_even
 from cluster.transport.weightsync import Deadlines
 from cluster.types import Prompt, Rollout
@@ -298,9 +297,11 @@ class System:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
-        rollouts = self._gather(self.generate(self.eval_prompts, method="evaluate"))
-        groups, _ = self.actors.eval_graders.score(rollouts)
-        return eval_stats(rollouts, groups)
+        """The held-out evaluation (cluster/driver/evaluation.py, the evaluator `forkrl eval` runs too)."""
+        from cluster.driver.evaluation import evaluate
+
+        return evaluate(self.eval_prompts, lambda ps: self._gather(self.generate(ps, method="evaluate")),
+                        self.actors.eval_graders)
 
     def _log_eval(self, step: int, stats: dict[str, float]) -> None:
         self._last_eval = stats

@@ -1,6 +1,7 @@
 """`forkrl export` on real checkpoints of a short `forkrl train` run (ZeRO-2 and ZeRO-3): DeepSpeed's own
 consolidation, an HF directory transformers and vLLM load; its weights are the learner's at that step (a real
-LearnerGroup loads the same checkpoint) and vLLM's log-probs on it match transformers' (as in a run)."""
+LearnerGroup loads the same checkpoint), and the log-probs vLLM samples with on it and transformers recomputes
+on it match the learner's own log-prob pass at that step."""
 
 import json
 import math
@@ -55,9 +56,9 @@ def test_export_is_the_learners_policy(tmp_path, tiny_model_dir, stage, ray_loca
     try:
         group.call("load", str(run_dir / "checkpoints" / "step-000001"))
         learner = group.call("full_weights")[0]
-    finally:
-        group.call("close")
+    except BaseException:
         group.kill()
+        raise
     exported = load_file(out / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     state = model.state_dict()
@@ -97,3 +98,34 @@ def test_export_is_the_learners_policy(tmp_path, tiny_model_dir, stage, ray_loca
                 lp = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(resp.token_ids)[:, None].long())
                 worst = max(worst, float((lp[:, 0] - torch.tensor(resp.logprobs).double()).abs().max()))
     assert math.isfinite(worst) and worst < 1e-3, worst
+
+    # the learner's own log-probs at step 1 (its pi_old pass) of the same sequences: transformers on the
+    # export computes them (float32, another attention layout: last-bit differences only), vLLM samples them
+    pairs = [(pr, resp) for r, pr in zip(rollouts, prompts) for resp in r.responses[:2] if len(resp.token_ids)]
+    try:
+        got = group.call("token_logprobs", scored(pairs))[0]
+    finally:
+        group.call("close")
+        group.kill()
+    worst_hf = worst_vllm = 0.0
+    with torch.no_grad():
+        for (pr, resp), lp_learner in zip(pairs, got):
+            ids = torch.tensor([list(pr.token_ids) + list(resp.token_ids)])
+            logits = model(ids).logits[0, len(pr.token_ids) - 1:-1] / cfg.rollout.temperature
+            lp = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(resp.token_ids)[:, None].long())[:, 0]
+            lp_learner = torch.tensor(lp_learner, dtype=torch.float64)
+            worst_hf = max(worst_hf, float((lp - lp_learner).abs().max()))
+            worst_vllm = max(worst_vllm, float((torch.tensor(resp.logprobs).double() - lp_learner).abs().max()))
+    assert worst_hf < 1e-5 and worst_vllm < 1e-3, (worst_hf, worst_vllm)
+
+
+def scored(pairs):
+    """[(prompt, response)] as ScoredGroups of one response each (what the learner's passes read)."""
+    import numpy as np
+
+    from cluster.types import Rollout, ScoredGroup
+
+    groups = [ScoredGroup(Rollout(group_id=f"check-{i}", prompt_id=pr.prompt_id, prompt_ids=np.asarray(pr.token_ids),
+                                  prompt=pr.text, responses=[resp], version=1, generator_id="check", gold=pr.gold),
+                          np.zeros(1, np.float32), np.zeros(1, np.float32), [None]) for i, (pr, resp) in enumerate(pairs)]
+    return groups

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, UserError, load_config
 
 ROOT = Path(__file__).resolve().parents[3]
 SPEC_DIR = ROOT / "configs" / "experiments"
@@ -46,8 +46,8 @@ class Spec:
         return [f"{k}={json.dumps(v)}" for k, v in merged.items()]
 
 
-class ExperimentError(ValueError):
-    """A bad experiment file, naming the file and the field."""
+class ExperimentError(UserError, ValueError):
+    """A bad experiment file, naming the file and the field (a UserError: the CLI's one red line, exit 2)."""
 
 
 def _mapping(raw: Any, where: str) -> dict[str, Any]:
