@@ -215,7 +215,7 @@ def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact
 
 
 @app.command(cls=_Command)
-def bench(name: str = typer.Argument(..., metavar="NAME", help="loss | grade | queue | generate | weight-sync | e2e | all"),
+def bench(name: str = typer.Argument(..., metavar="NAME", help="loss | grade | queue | generate | weight-sync | e2e | learner-memory | all"),
           case: Optional[str] = typer.Option(None, help="only this case")):
     """Run a benchmark; prints one JSON object per line (metric, value, baseline, ratio, unit, case, target)."""
     from cluster.tools.bench import run_bench

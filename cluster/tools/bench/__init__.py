@@ -14,6 +14,7 @@ BENCHES = {
     "generate": "cluster.tools.bench.generate",
     "weight-sync": "cluster.tools.bench.weight_sync",
     "e2e": "cluster.tools.bench.e2e",
+    "learner-memory": "cluster.tools.bench.learner_memory",
 }
 
 
