@@ -24,7 +24,7 @@ DAPO_8020 = {
     "rollout.eval_temperature": 1.0, "rollout.eval_top_p": 0.7, "rollout.eval_samples": 32,
     "data.task": "file", "data.layout": "dapo", "data.answer_format": "answer_line", "data.max_prompt_tokens": 2048,
     "reward.correct": 1.0, "reward.incorrect": -1.0, "reward.overlong_buffer": 4096, "reward.overlong_max": 20480,
-    "reward.overlong_factor": 1.0, "reward.dynamic_sampling": True,
+    "reward.overlong_factor": 1.0, "reward.dynamic_sampling": True, "reward.max_gen_batches": 10,
     "algorithm.adv_estimator": "grpo", "algorithm.loss_agg": "token-mean", "algorithm.policy_loss": "ppo",
     "algorithm.clip_low": 0.2, "algorithm.clip_high": 0.28, "algorithm.dual_clip_c": 10.0,
     "algorithm.kl_coef": 0.0, "algorithm.entropy_coef": 0.0, "algorithm.adaptive_entropy": False,
