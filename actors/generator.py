@@ -92,14 +92,20 @@ def engine_env(r: RolloutConfig, gpus: float = 0.0) -> dict[str, str]:
     return env
 
 
-def engine_placement(r: RolloutConfig) -> dict[str, Any]:
+def engine_placement(r: RolloutConfig, max_model_len: int) -> dict[str, Any]:
     """The LLM(...) arguments that depend on the device: a GPU engine gets `gpu_memory_utilization` (vLLM's
-    start-up check of free memory; the KV cache itself is `kv_cache_memory_bytes` on both devices)."""
+    start-up check of free memory; the KV cache itself is `kv_cache_memory_bytes` on both devices).
+
+    A CPU engine runs without chunked prefill: vLLM rewinds a seeded request's generator after each partial
+    prefill with `Generator.set_offset`, which torch's CPU generator does not have ("CPU Generator does not
+    use offset"), so a seeded evaluation whose prefill was chunked would crash. Every prompt fits one step's
+    token budget instead (at least max_model_len tokens)."""
     from vllm.platforms import current_platform
 
     tp = r.tensor_parallel_size > 1
     if current_platform.is_cpu():   # TP workers spawned by vLLM's multiprocessing executor, one core each
-        return {"distributed_executor_backend": "mp"} if tp else {}
+        no_chunks = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(2048, max_model_len)}
+        return {**no_chunks, **({"distributed_executor_backend": "mp"} if tp else {})}
     # TP: vLLM's Ray executor in the actor's placement group, on the bundles VLLM_RAY_BUNDLE_INDICES names
     return {"gpu_memory_utilization": r.gpu_memory_utilization, **({"distributed_executor_backend": "ray"} if tp else {})}
 
@@ -125,7 +131,7 @@ class _VLLMEngine:
 
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), block_size=r.block_size,
-                       enforce_eager=r.enforce_eager, **engine_placement(r),
+                       enforce_eager=r.enforce_eager, **engine_placement(r, max_model_len),
                        tensor_parallel_size=r.tensor_parallel_size, max_num_seqs=r.max_num_seqs,
                        logprobs_mode=r.logprobs_mode, worker_extension_cls=EXTENSION,
                        # sampling comes only from our SamplingParams, never from generation_config.json
