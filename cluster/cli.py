@@ -165,6 +165,53 @@ def export(run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="a forkrl 
     typer.echo(export_run(run_dir, out_dir, step=step))
 
 
+@app.command("eval", cls=_Command, context_settings={"allow_extra_args": True})
+def eval_cmd(target: str = typer.Argument(..., metavar="MODEL_OR_RUN",
+                                          help="a Hugging Face model directory or a forkrl run directory"),
+             overrides: Optional[list[str]] = OVERRIDES_ARG,
+             step: Optional[int] = typer.Option(None, metavar="N", help="a run's checkpoint at step N (default: "
+                                                "the last; 0: the run's base model)"),
+             task: Optional[str] = typer.Option(None, metavar="TASK", help="arith | countdown | file (data.task; "
+                                                "default: the run's, else the embedded demo's)"),
+             data: Optional[str] = typer.Option(None, metavar="FILE", help="held-out JSONL/Parquet file: every row "
+                                                "is evaluated (data.task=file, data.eval_path)"),
+             samples: Optional[int] = typer.Option(None, metavar="K", help="responses per problem "
+                                                   "(rollout.eval_samples): avg@k and pass@k"),
+             problems: Optional[int] = typer.Option(None, metavar="N", help="synthetic problems (data.eval_size)"),
+             seed: Optional[int] = typer.Option(None, metavar="S", help="sampling seed (default: run.seed, the "
+                                                "seed the run evaluated with)"),
+             temperature: Optional[float] = typer.Option(None, metavar="T", help="rollout.eval_temperature"),
+             top_p: Optional[float] = typer.Option(None, "--top-p", metavar="P", help="rollout.eval_top_p"),
+             max_new_tokens: Optional[int] = typer.Option(None, metavar="N", help="rollout.max_new_tokens"),
+             batch: int = typer.Option(0, metavar="N", help="problems per generate call (0: one call per "
+                                       "generator, as in a run); the samples do not depend on it"),
+             out: Optional[str] = typer.Option(None, metavar="FILE", help="write the Markdown table to FILE "
+                                               "('-': stdout after the JSON lines; default: stderr)")):
+    """Evaluate a model or a run's checkpoint on held-out problems with the training loop's own evaluation
+    (vLLM generator actors, the task's verifier): avg@k, pass@k, mean length, entropy.
+
+    \b
+    Prints one JSON object per problem (prompt_id, gold, correct, lengths) and a
+    summary line ("summary": true, the eval/* keys of metrics.jsonl) on stdout,
+    a progress bar and the Markdown table on stderr (or --out FILE).
+    A run's checkpoint at step N with the run's seed gives the eval/* numbers
+    metrics.jsonl has at step N. KEY=VALUE overrides apply to the config.
+    """
+    from cluster.driver.evaluation import cli_overrides, eval_model, markdown
+
+    extra = cli_overrides(task, data, samples, problems, temperature, top_p, max_new_tokens)
+    summary = eval_model(target, [*(overrides or []), *extra], step=step, seed=seed, batch=batch)
+    table = markdown(summary)
+    if out == "-":
+        typer.echo(table, nl=False)
+    elif out:
+        from pathlib import Path
+
+        Path(out).write_text(table)
+    else:
+        typer.echo(table, nl=False, err=True)
+
+
 @models_app.command("build-tiny", cls=_Command)
 def build_tiny(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
                task: str = typer.Option("arith", help="synthetic task the warm start uses"),
@@ -253,13 +300,7 @@ def experiment(name: str = typer.Argument(..., metavar="NAME", help="an experime
     """Run a paper-reproduction experiment; writes docs/results/NAME.md (and its plots) and prints its path."""
     from cluster.tools.experiments import run_experiment
 
-    try:
-        path = run_experiment(name, smoke=smoke)
-    except ValueError as e:  # the experiments package's own errors name the experiment, file and field
-        if _debug() or not type(e).__module__.startswith("cluster.tools.experiments"):
-            raise
-        _fail(str(e))
-    typer.echo(path)
+    typer.echo(run_experiment(name, smoke=smoke))   # ExperimentError is a UserError: one red line, exit 2
 
 
 def main() -> None:
