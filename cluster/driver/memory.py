@@ -4,7 +4,7 @@
 
 - a generator worker (one GPU per tensor-parallel rank): its shard of the weights (P x dtype bytes / TP), the
   KV cache (`rollout.kv_cache_gib`, given to vLLM as `kv_cache_memory_bytes`), and the weight-sync receive
-  buffers (`sync.receive_buffers` x the largest bucket: `sync.bucket_mb`, or the largest single tensor, the
+  buffers (`receive_slots` x the largest bucket: `sync.bucket_mb`, or the largest single tensor, the
   embedding, when that is bigger; every TP rank receives whole tensors and its weight loader keeps its shard).
   The sum must stay within `rollout.gpu_memory_utilization` x `cluster.gpu_memory_gib`.
 - a learner rank: weights, gradients and AdamW state as the ZeRO paper counts them (Rajbhandari et al. 2020:
@@ -27,10 +27,12 @@ that cannot fit (a whole-model receive copy, TP too small, a KV cache too big), 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import Config, ConfigError, shares_gpu
+from cluster.transport.weightsync import receive_slots
 
 GIB = float(1 << 30)
 CUDA_CONTEXT_GIB = 1.0   # CUDA context, cuBLAS workspace and NCCL buffers of one process (order of magnitude)
@@ -135,10 +137,11 @@ def budgets(cfg: Config) -> tuple[list[Budget], list[str]]:
     if c.generator_gpus:
         tp = r.tensor_parallel_size
         gen = {"weights/TP": params * b / tp / GIB, "kv cache": r.kv_cache_gib,
-               "receive buffers": cfg.sync.receive_buffers * bucket / GIB}
+               "receive buffers": receive_slots(cfg.sync, max(1, math.ceil(params * b / bucket)), params * b)
+               * bucket / GIB}
         out.append(Budget(f"generator worker (rollout.tensor_parallel_size={tp}, model.dtype={cfg.model.dtype})",
                           gen, r.gpu_memory_utilization * gpu,
-                          f"rollout.gpu_memory_utilization x cluster.gpu_memory_gib"))
+                          "rollout.gpu_memory_utilization x cluster.gpu_memory_gib"))
     if c.learner_gpus:
         n, z = lr.num_ranks, lr.zero_stage
         w, g, o = (2, 2, 12) if b == 2 else (4, 4, 8)

@@ -9,12 +9,13 @@ side (docs/architecture.md, docs/platform.md "Weight broadcast on CPU"). One syn
 2. the tensors packed into buckets of `bucket_bytes` (a larger tensor gets a bucket of its own), one
    broadcast per bucket. Both sides derive the same bucket layout from the manifest with `plan_buckets`.
 
-The receiver receives into a bounded ring of `sync.receive_buffers` bucket buffers (never a whole-model
-copy: 3 x 128 MiB rather than 65 GB for a 32B model), kept between syncs (fresh buffers cost page faults on
+The receiver receives into a bounded ring of bucket buffers (`receive_slots`; never a whole-model copy of a
+large model: 3 x 128 MiB rather than 65 GB for a 32B model), kept between syncs (fresh buffers cost page faults on
 every sync), and yields tensors as their bucket arrives, so a consumer such as vLLM's layer-wise reload
 overlaps the receive. vLLM's layer-wise reload keeps the tensors it is given until their layer is complete
-(a layer it never sees complete, until the end of the reload), so by default each tensor is yielded as a copy
-of its own, made as its bucket is read: receive memory is the ring plus what the consumer itself keeps. Every
+(a layer it never sees complete, until the end of the reload), so when the ring is smaller than the sync each
+tensor is yielded as a copy of its own, made as its bucket is read: receive memory is the ring plus what the
+consumer itself keeps. A sync that fits the ring is yielded as views, with no copy. Every
 tensor-parallel worker receives whole tensors and its weight loaders keep their shard.
 Every wait is bounded by a deadline derived once from `sync.timeout_s` (`Deadlines`): a dead or absent peer
 raises `SyncError`, never hangs; the group is unusable afterwards and must be rebuilt. Both ends take the
@@ -322,13 +323,24 @@ class WeightSender:
         self.group.close()
 
 
+RESIDENT_MAX_BYTES = 1 << 30   # sync.receive_buffers=None: weights up to this get a buffer per bucket
+
+
+def receive_slots(sync: SyncConfig, n_buckets: int, total_bytes: int) -> int:
+    """How many bucket buffers a receiver holds for a sync of `n_buckets` buckets, `total_bytes` in all
+    (SyncConfig.receive_buffers); the memory arithmetic of `forkrl check` counts the same."""
+    if sync.receive_buffers is not None:
+        return min(n_buckets, sync.receive_buffers)
+    return n_buckets if total_bytes <= RESIDENT_MAX_BYTES else min(n_buckets, 3)
+
+
 class WeightReceiver:
     """A generator worker's end (rank >= 1)."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, sync: SyncConfig):
         self.deadlines = Deadlines.of(sync)
         self.group = BroadcastGroup(host, port, rank, world_size, self.deadlines.collective_s, sync.backend)
-        self.slots = sync.receive_buffers
+        self.sync = sync
         self._buffers: list[torch.Tensor] = []
         self.timing: dict[str, float] = {}
 
@@ -345,8 +357,9 @@ class WeightReceiver:
         return Manifest.decode(data.cpu().numpy().tobytes())
 
     def _ensure_buffers(self, buckets: list[Bucket]) -> None:
-        """min(buckets, sync.receive_buffers) buffers of the largest bucket's size, kept while they suffice."""
-        n, size = min(len(buckets), self.slots), max((b.nbytes for b in buckets), default=0)
+        """`receive_slots` buffers of the largest bucket's size, kept while they suffice."""
+        n = receive_slots(self.sync, len(buckets), sum(b.nbytes for b in buckets))
+        size = max((b.nbytes for b in buckets), default=0)
         if len(self._buffers) != n or (n and self._buffers[0].numel() < size):
             # zero_() touches every page now rather than inside the timed receive of each sync
             self._buffers = [torch.zeros(size, dtype=torch.uint8, device=self.group.device) for _ in range(n)]
@@ -356,11 +369,14 @@ class WeightReceiver:
 
         Each tensor is a copy of its own (`copy`), or, with copy=False, a view of the ring of buffers that
         stays valid until the consumer asks for the first tensor of bucket k + 2 (then its buffer may be
-        refilled): for a consumer that copies each tensor at once.
+        refilled): for a consumer that copies each tensor at once. When every bucket has a buffer of its own
+        (buckets <= sync.receive_buffers) no buffer is refilled during the sync and views are yielded either
+        way: they stay valid until the next sync.
         The generator must be exhausted (or closed) before the next collective on this group.
         """
         buckets = plan_buckets(manifest.specs, manifest.bucket_bytes)
         self._ensure_buffers(buckets)
+        copy = copy and len(buckets) > len(self._buffers)   # a buffer per bucket: nothing is overwritten
         arrived: queue.Queue = queue.Queue()
         g, wait_s, n = self.group, self.deadlines.bucket_s, len(self._buffers)
         reading = {"k": -1}                 # the bucket the consumer is reading

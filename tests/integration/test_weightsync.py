@@ -226,3 +226,31 @@ def test_receive_memory_is_a_bounded_ring_and_a_lagging_consumer_sees_intact_ten
     assert n_buffers == 3 and resident <= 3 * (256 * 256 * 4 + 64) < sum(t.nbytes for t in weights.values()) / 3
     for x in (sender, rx):
         x.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("buffers,views", [(4, True), (3, False)])
+def test_a_sync_that_fits_the_ring_is_yielded_as_views_else_as_copies(buffers, views):
+    """4 buckets: with 4 buffers no buffer is refilled during the sync, so the default copy is skipped (the
+    tensors are views of the buffers and stay intact after the sync); with 3 each tensor is its own copy."""
+    port, world = free_port(), 2
+    sync = SyncConfig(timeout_s=10.0, bucket_mb=0.25, backend="gloo", receive_buffers=buffers)
+    join = run(lambda: WeightReceiver(HOST, port, 1, world, sync))
+    sender = WeightSender(HOST, port, world, sync)
+    rx = join()
+    g = torch.Generator().manual_seed(3)
+    weights = {f"layers.{i}.w": torch.randn(256, 256, generator=g) for i in range(4)}   # one bucket each
+
+    def consume():
+        m = rx.receive_manifest()
+        return list(rx.tensors(m))            # every tensor kept until the end, as vLLM may keep a layer
+
+    j = run(consume)
+    sender.send(1, weights.items())
+    got = j()
+    spans = [(b.data_ptr(), b.data_ptr() + b.numel()) for b in rx._buffers]
+    inside = [any(lo <= t.data_ptr() < hi for lo, hi in spans) for _, t in got]
+    assert inside == [views] * len(weights)
+    assert all(torch.equal(t, weights[name]) for name, t in got)
+    for x in (sender, rx):
+        x.close()
