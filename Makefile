@@ -14,7 +14,7 @@ PIP     := $(BIN)/python -m pip -q --disable-pip-version-check
 export FORKRL_CACHE ?= $(HOME)/.cache/forkrl
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup debian run test bench clean gpu-smoke
+.PHONY: setup debian run test bench clean gpu-smoke soak
 
 setup: $(STAMP)
 
@@ -42,6 +42,14 @@ run: setup
 
 test: setup debian
 	$(BIN)/python -m pytest -q tests
+
+# The long chaos soak (issue 21, item 7; cluster/tools/soak.py): a seeded run of the tiny model with faults at
+# random times, resumed when one stops it; rewrites the soak table of docs/reliability.md from its figures.
+STEPS ?= 200
+FAULTS ?= 24
+SEED ?= 0
+soak: setup debian
+	$(BIN)/python -m cluster.tools.soak --steps $(STEPS) --faults $(FAULTS) --seed $(SEED) --doc docs/reliability.md
 
 # The GPU path on a CUDA machine (install with `pip install -e '.[gpu,test]'`, not `make setup`): tiny model
 # and SmolLM2 in bf16 on one GPU, the two-GPU cases where two are visible; skips without a GPU. Under 10 min.

@@ -6,15 +6,11 @@ dates, so an unchanged outcome leaves the tree clean)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from cluster.tools.soak import TABLE_START, Run
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
@@ -80,72 +76,10 @@ def pytest_sessionfinish(session, exitstatus):
     ordered = sorted(ROWS.items(), key=lambda r: r[0].lower())
     rows = "".join(f"| {f} | {h} | {o} | `{t}` |\n" for f, (h, o, t) in ordered)
     text = HEADER + rows + SECURITY
+    if DOC.is_file() and "\n" + TABLE_START in DOC.read_text():   # the soak's table (make soak) stays
+        text += "\n" + TABLE_START + DOC.read_text().split("\n" + TABLE_START, 1)[1]
     if not DOC.is_file() or DOC.read_text() != text:
         DOC.write_text(text)
-
-
-class Run:
-    """`forkrl train` in a subprocess, its output in a file (a pipe could fill and block it)."""
-
-    def __init__(self, out: Path, *args: str, env: dict[str, str] | None = None):
-        self.out = out
-        out.mkdir(parents=True, exist_ok=True)
-        self.log_path = out / f"train-{len(list(out.glob('train-*.log')))}.log"
-        cmd = [sys.executable, "-m", "cluster.cli", "train", *args]
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    @property
-    def run_dir(self) -> Path:
-        runs = [p for p in self.out.iterdir() if p.is_dir()]
-        assert len(runs) == 1, runs
-        return runs[0]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def events(self) -> list[dict]:
-        path = self.run_dir / "ledger.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
-        return [json.loads(x) for x in lines if x.endswith("}")]   # the last line may be half written
-
-    def wait_for(self, event: str, step: int, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"forkrl train exited ({self.proc.returncode}) before {event} of step {step}:\n"
-                            f"{self.log()[-5000:]}")
-            try:
-                hit = [e for e in self.events() if e["event"] == event and e["step"] == step]
-            except (AssertionError, FileNotFoundError):
-                hit = []
-            if hit:
-                return hit[-1]
-            time.sleep(0.05)
-        pytest.fail(f"no {event} event for step {step} in {timeout} s:\n{self.log()[-5000:]}")
-
-    def pids(self) -> dict:
-        return json.loads((self.run_dir / "pids.json").read_text())
-
-    def wait(self, timeout: float = 600) -> int:
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"forkrl train did not finish in {timeout} s:\n{self.log()[-5000:]}")
-        self._log.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 @pytest.fixture
@@ -161,11 +95,3 @@ def start_run(tmp_path):
     yield start
     for r in runs:
         r.kill()
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
-def total(recs: list[dict], key: str) -> float:
-    return sum(r.get(key, 0.0) for r in recs)

@@ -16,7 +16,8 @@ import pytest
 import redis
 
 from cluster.transport.valkey import LocalServer, start_valkey, valkey_binary
-from tests.faults.conftest import record, rows, total
+from cluster.tools.soak import ledger_checks, rows, total
+from tests.faults.conftest import record
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +29,6 @@ def common(model: str, steps: int) -> list[str]:
     return [f"model.path={model}", f"run.steps={steps}", "run.eval_every=0", f"rollout.prompts_per_step={PROMPTS}",
             "rollout.group_size=4", "rollout.max_new_tokens=32", "reward.dynamic_sampling=false",
             "data.train_size=64", "queue.reconnect_s=3"]
-
-
-def ledger_checks(events: list[dict]) -> dict[int, list[str]]:
-    """Invariants of any run: no group trained twice, every trained group was generated. Returns the
-    trained ids by step (of the last attempt of each step)."""
-    generated = {i for e in events if e["event"] == "generated" for i in e["ids"]}
-    trained = [i for e in events if e["event"] == "trained" for i in e["ids"]]
-    dupes = [i for i, n in collections.Counter(trained).items() if n > 1]
-    assert not dupes, f"groups trained twice: {dupes}"
-    assert set(trained) <= generated, set(trained) - generated
-    return {e["step"]: e["ids"] for e in events if e["event"] == "trained"}
 
 
 def listening_address(port: int) -> str:
