@@ -249,5 +249,5 @@ def test_a_failed_run_is_reported_not_raised(tmp_path, ray_session):
     ret = run_experiment("broken", smoke=True, out_dir=out, spec_dir=write_spec(tmp_path, "broken", spec))
     md = (out / "broken.md").read_text()
     assert str(out / "broken.md") in ret
-    assert "FAILED: FileNotFoundError" in md and "no-model" in md and "1 of 1 runs failed" in md
+    assert "FAILED: ConfigError" in md and "no-model" in md and "1 of 1 runs failed" in md
     assert "[broken](broken.md)" in (out / "results.md").read_text()

@@ -287,7 +287,7 @@ def test_bad_inputs_fail_before_any_process_starts(tmp_path, tiny_model_dir):
     text = _train_fails_before_any_process(tmp_path, "rollout.group_size=0", "queue.maxlen=5")
     assert "rollout.group_size" in text and "queue" in text and not (tmp_path / "runs").exists()
     text = _train_fails_before_any_process(tmp_path, f"model.path={tmp_path / 'nope'}")
-    assert "is not an HF checkpoint directory" in text
+    assert f"model.path '{tmp_path / 'nope'}' does not exist" in text and not (tmp_path / "runs").exists()
     bad = tmp_path / "train.jsonl"
     good = '{"question": "1+1?", "answer": "#### 2"}'
     bad.write_text(f"{good}\n{good}\n{{not json\n")
