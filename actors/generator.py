@@ -259,6 +259,7 @@ class Generator:
                  seed: int = 0, max_model_len: int = 512, eval_seed: int | None = None):
         self.generator_id, self.rollout = generator_id, rollout
         self.eval_seed = seed if eval_seed is None else eval_seed   # `evaluate`'s per-prompt seeds
+        self.train_seed = self.eval_seed + 0x5EED                    # rollout.seeded's, apart from eval's
         self.max_model_len = max_model_len
         engine = {"vllm": _VLLMEngine, "hf": _HFEngine}[rollout.backend]
         t0 = time.perf_counter()
@@ -279,7 +280,10 @@ class Generator:
     def generate(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Rollout]:
         """One Rollout (G = sampling.n responses) per prompt, tagged with the current weights version."""
         s = sampling or Sampling.train(self.rollout)
-        return self._run(prompts, s, prefix="")
+        seeds = None
+        if self.rollout.seeded and sampling is None:   # rollout.seeded: a seed per prompt draw (reproducible)
+            seeds = [request_seed(self.train_seed, f"{p.prompt_id}@{p.draw}") for p in prompts]
+        return self._run(prompts, s, prefix="", seeds=seeds)
 
     def evaluate(self, prompts: list[Prompt]) -> list[Rollout]:
         """Eval sampling: rollout.eval_samples responses per prompt at eval_temperature / eval_top_p, each

@@ -125,6 +125,12 @@ class RolloutConfig(Section):
     """vLLM scheduler: maximum concurrent sequences."""
     threads: int = Field(1, ge=1)
     """CPU threads per generator actor (OMP_NUM_THREADS)."""
+    seeded: bool = False
+    """Reproducible training sampling: each training request gets its own seed, a function of run.seed, the
+    prompt and its draw from the prompt stream (vLLM's per-request generator), so the responses do not
+    depend on the generator, the split, a replaced engine or a resume. Off by default: on GPU vLLM samples
+    seeded requests one by one, which costs throughput at large batches. The chaos soak turns it on to
+    compare a faulted run with a clean resume (docs/reliability.md)."""
     eval_samples: int = Field(4, ge=1)
     """k samples per eval problem: accuracy is reported as avg@k and pass@k."""
     eval_temperature: float = Field(1.0, gt=0)

@@ -23,6 +23,7 @@ class Prompt:
     token_ids: np.ndarray          # [P] int32
     gold: str | None = None        # reference answer (None for label-free data)
     meta: Meta = field(default_factory=dict)   # task kind and data: {"task": "countdown", "numbers": [...], "target": 24}
+    draw: int = -1                 # position in the training prompt stream (epoch x size + index); -1 outside it
 
 
 @dataclass

@@ -11,6 +11,7 @@ columns). A malformed row is an error naming the file and the row index.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass, field
@@ -273,7 +274,8 @@ class PromptStream:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._perm()
-            out.append(self.prompts[self._order[self.pos]])
+            draw = self.epoch * len(self._order) + self.pos
+            out.append(dataclasses.replace(self.prompts[self._order[self.pos]], draw=draw))
             self.pos += 1
         return out
 

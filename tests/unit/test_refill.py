@@ -9,7 +9,7 @@ import pytest
 from cluster.config import RewardConfig
 from cluster.data.tasks import PromptStream, synthetic_problems
 from cluster.driver.refill import refill
-from cluster.types import Response, Rollout
+from cluster.types import Prompt, Response, Rollout
 from reward.group import score_groups
 from reward.verifiers import run_inline
 
@@ -37,11 +37,9 @@ def sampler(stream: PromptStream, solved: callable):
     return sample, sizes
 
 
-def problems(n: int):
-    out = synthetic_problems("arith", n, "train", seed=0)
-    for i, p in enumerate(out):
-        p.meta["index"] = i
-    return out
+def problems(n: int) -> list[Prompt]:
+    return [Prompt(f"train-{i}", p.question, np.zeros(3, np.int32), p.gold, {**p.meta, "index": i})
+            for i, p in enumerate(synthetic_problems("arith", n, "train", seed=0))]
 
 
 def test_refill_fills_the_step_with_groups_with_signal():
@@ -80,3 +78,13 @@ def test_prompt_stream_next_takes_any_count_and_continues_the_order():
     a, b = PromptStream(problems(10), batch=4, seed=3), PromptStream(problems(10), batch=4, seed=3)
     whole = [p.meta["index"] for p in a.next(7)]
     assert [p.meta["index"] for p in b.next()] + [p.meta["index"] for p in b.next(3)] == whole
+
+
+def test_each_draw_of_the_stream_is_numbered_across_epochs():
+    s = PromptStream(problems(4), batch=3, seed=1)
+    drawn = s.next() + s.next() + s.next(2)
+    assert [p.draw for p in drawn] == list(range(8))   # epoch x size + position: a resume continues it
+    assert sorted(p.prompt_id for p in drawn[:4]) == sorted(p.prompt_id for p in drawn[4:])
+    t = PromptStream(problems(4), batch=3, seed=1)
+    t.load_state_dict({"epoch": 1, "pos": 2})
+    assert [(p.draw, p.prompt_id) for p in t.next(2)] == [(p.draw, p.prompt_id) for p in drawn[6:]]

@@ -18,14 +18,15 @@ from cluster.tools.experiments.tables import (best, by_arm, diff_reading, final,
 
 
 ACC = "eval/accuracy_avg"
+H = "entropy/policy"   # Cui et al. Eq. 5: per-response mean token entropy, then the mean over responses
 
 
 def analyse_compare(spec: Spec, results: list[RunResult], out: Path) -> tuple[str, str]:
     cols = [("initial eval acc", lambda r: first(r, ACC)), ("final eval acc", lambda r: final(r, ACC)),
             ("best eval acc (step > 0)", lambda r: best(r, ACC)),
             ("final train reward (last 5)", lambda r: last_mean(r, "reward/mean")),
-            ("initial entropy", lambda r: first(r, "entropy/mean")),
-            ("final entropy (last 5)", lambda r: last_mean(r, "entropy/mean")),
+            ("initial entropy", lambda r: first(r, H)),
+            ("final entropy (last 5)", lambda r: last_mean(r, H)),
             ("final cov mean (last 5)", lambda r: last_mean(r, "cov/mean")),
             ("selected share", lambda r: last_mean(r, "selected_frac")),
             ("clip-cov / kl-cov tokens per step", lambda r: last_mean(r, "clip_cov/clipped", 1000)
@@ -33,7 +34,7 @@ def analyse_compare(spec: Spec, results: list[RunResult], out: Path) -> tuple[st
     table, stats = metric_table(spec, results, cols)
     plots = plot_section(spec, results, out, [
         (ACC, "Eval accuracy (avg@k), mean ± std over seeds", "accuracy"),
-        ("entropy/mean", "Policy entropy (mean token entropy of the training batch)", "nats"),
+        (H, "Policy entropy (Cui et al. Eq. 5 over the training batch)", "nats"),
         ("reward/mean", "Training reward", "reward"),
         ("cov/mean", "Mean token covariance of log-prob and advantage", "cov"),
         ("entropy/frac_above_0.672", "Share of tokens with entropy > 0.672", "share")])
@@ -59,8 +60,8 @@ def analyse_compare(spec: Spec, results: list[RunResult], out: Path) -> tuple[st
 def collapse_split(rows: list[dict], steps: int, share: float = 0.15):
     """(entropy, accuracy, step) triples of a run's eval steps (entropy of that step's training batch),
     split into the fit part (step <= share * steps, at least two points) and the rest."""
-    pts = [(r["entropy/mean"], r[ACC], r["step"]) for r in rows
-           if ACC in r and "entropy/mean" in r and math.isfinite(r["entropy/mean"])]
+    pts = [(r[H], r[ACC], r["step"]) for r in rows
+           if ACC in r and H in r and math.isfinite(r[H])]
     cut = max(math.ceil(share * steps), pts[1][2] if len(pts) > 1 else 0)
     return [p for p in pts if p[2] <= cut], [p for p in pts if p[2] > cut]
 
@@ -124,7 +125,7 @@ def analyse_collapse(spec: Spec, results: list[RunResult], out: Path) -> tuple[s
     save_figure(fig, ax, out / png, f"R = -a e^H + b fitted on the first {share:.0%} of steps",
                 "policy entropy H (nats)", "eval accuracy R", legend=7)
     plots = plot_section(spec, results, out, [(ACC, "Eval accuracy", "accuracy"),
-                                        ("entropy/mean", "Policy entropy", "nats")])
+                                        (H, "Policy entropy (Eq. 5)", "nats")])
     # binomial noise of one eval point: what a perfect law could not predict below
     evals = [r[ACC] for x in ok for r in x.rows if ACC in r]
     cfg = load_config(None, spec.overrides(spec.arms[0], spec.seeds[0]))
@@ -162,13 +163,13 @@ def analyse_ttrl(spec: Spec, results: list[RunResult], out: Path) -> tuple[str, 
                                                                if "ttrl/label_accuracy" in x] or [math.nan]))),
             ("TTRL reward acc (mean)", lambda r: float(np.mean([x["ttrl/reward_accuracy"] for x in train_rows(r)
                                                                 if "ttrl/reward_accuracy" in x] or [math.nan]))),
-            ("final entropy (last 5)", lambda r: last_mean(r, "entropy/mean"))]
+            ("final entropy (last 5)", lambda r: last_mean(r, H))]
     table, stats = metric_table(spec, results, cols)
     plots = plot_section(spec, results, out, [
         (ACC, "Eval accuracy (gold-graded), mean ± std over seeds", "accuracy"),
         ("reward/accuracy", "Training accuracy against the gold answer", "accuracy"),
         ("ttrl/label_accuracy", "TTRL: share of majority-vote labels equal to the gold answer", "accuracy"),
-        ("entropy/mean", "Policy entropy", "nats")])
+        (H, "Policy entropy (Eq. 5)", "nats")])
     arms = [a.name for a in spec.arms]
     ttrl = next((a.name for a in spec.arms if a.overrides.get("reward.ttrl")), arms[-1])
     gold = next((a for a in arms if a != ttrl), arms[0])
