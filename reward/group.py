@@ -14,7 +14,8 @@ Reward of response i (all terms float64, stored as float32 components):
     reward   = correct + format + overlong + rent
 With TTRL all N_vote responses vote and only the first N_train are kept; the gold answer is only compared
 for the logged label accuracy and never enters the reward. Dynamic sampling (DAPO) drops groups whose
-kept rewards are all equal: their advantages are zero.
+kept rewards are all equal: their advantages are zero. reward/groups_with_signal counts the groups whose
+rewards differ, whether or not dynamic sampling is on (cluster/driver/nosignal.py warns when none do).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def score_groups(rollouts: Sequence[Rollout], cfg: RewardConfig, adv_estimator: 
                                              "reward/timeouts", "reward/crashes", "reward/errors",
                                              "reward/gold_responses", "reward/gold_correct",
                                              "reward/train_responses", "reward/reward_sum",
-                                             "reward/flipped_groups", "reward/overlong_responses")}
+                                             "reward/flipped_groups", "reward/overlong_responses",
+                                             "reward/groups_with_signal")}
     c["reward/groups"] = float(len(rollouts))
     groups = []
     for r in rollouts:
@@ -168,6 +170,7 @@ def score_groups(rollouts: Sequence[Rollout], cfg: RewardConfig, adv_estimator: 
         total = total[:n]
         c["reward/train_responses"] += n
         c["reward/reward_sum"] += total.sum()
+        c["reward/groups_with_signal"] += np.ptp(total) > 0   # rewards differ: some advantage is not zero
         if cfg.dynamic_sampling and np.ptp(total) == 0:
             c["reward/dropped_zero_var"] += 1
             continue

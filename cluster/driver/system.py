@@ -17,6 +17,7 @@ from cluster.data.paths import check_paths
 from cluster.data.tasks import PromptStream
 from cluster.driver import recovery
 from cluster.driver.memory import check_gpu_memory
+from cluster.driver.nosignal import NoSignal
 from cluster.driver.placement import Actors, check_local_fit, start_ray
 from cluster.driver.rundir import RunLog, latest_checkpoint, open_run_dir, run_state, save_checkpoint, write_pids
 from cluster.driver.stepstats import StepRecord, merge_rank_stats, metrics_line, rollout_stats, step_stats
@@ -37,6 +38,7 @@ class System:
         self.start_step = 0
         self.step = 0             # steps completed
         self.record = StepRecord()
+        self.no_signal = NoSignal(cfg.metrics.no_signal_steps)   # warns after steps in a row with nothing to learn
         self.recoveries = 0
         self.server = self.exporter = self.actors = self.run_log = self.trackers = None
         self._ray_started = False
@@ -319,6 +321,10 @@ class System:
                 ev = self.evaluate()
             self._last_eval = ev
             st.update(ev)
+        warning = self.no_signal.update(st)
+        if warning:
+            log.warning(warning)
+        st.update(self.no_signal.stats())
         self._write(step + 1, st)
         self._progress(st)
         if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0 and not last:
@@ -353,10 +359,13 @@ class System:
         if self._bar is None:
             return
         self._bar.update(1)
-        self._bar.set_postfix({"reward": f"{st.get('reward/mean', float('nan')):.3f}",
-                               "acc": f"{self._last_eval.get('eval/accuracy_avg', float('nan')):.3f}",
-                               "H": f"{st.get('entropy/mean', float('nan')):.3f}",
-                               "tok/s": f"{st.get('generator/tokens_per_s', 0):.0f}"})
+        postfix = {"reward": f"{st.get('reward/mean', float('nan')):.3f}",
+                   "acc": f"{self._last_eval.get('eval/accuracy_avg', float('nan')):.3f}",
+                   "H": f"{st.get('entropy/mean', float('nan')):.3f}",
+                   "tok/s": f"{st.get('generator/tokens_per_s', 0):.0f}"}
+        if warning := self.no_signal.postfix():   # the no-signal warning stands until a step has signal again
+            postfix["no signal"] = warning
+        self._bar.set_postfix(postfix)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:

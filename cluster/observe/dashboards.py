@@ -121,6 +121,14 @@ def overview() -> db.Dashboard:
                            q(f"forkrl_reward_mean{R}", "{{run}} {{split}}")))
             .with_panel(ts("Accuracy", "avg@k and pass@k, train (k = group size) and eval (k = eval_samples).",
                            "percentunit", q(f"forkrl_accuracy_ratio{R}", "{{run}} {{split}} {{estimator}}")))
+            .with_panel(ts("Answers extracted", "Share of training responses with an answer the verifier can "
+                           "extract; near 0 means the model does not follow the answer format.", "percentunit",
+                           q(f"forkrl_answer_extracted_ratio{R}")))
+            .with_panel(ts("Steps without learning signal", "Steps in a row where no group's rewards differed or "
+                           "almost no answer was extracted, by likely cause; the driver warns (and "
+                           "ForkrlNoLearningSignal fires) at the threshold metrics.no_signal_steps.", "none",
+                           q(f"forkrl_no_signal_steps{R}", "{{run}} {{cause}}"),
+                           q(f"forkrl_no_signal_threshold_steps{R}", "{{run}} threshold")))
             .with_row(db.Row("Pipeline"))
             .with_panel(_tokens_per_second())
             .with_panel(_queue_depth())

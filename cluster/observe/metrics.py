@@ -60,6 +60,8 @@ _ACC = ("Accuracy (share of correct responses): avg_at_k is the mean over k samp
 _REWARD = "Mean total reward per response (correctness plus shaping)"
 _CLIP = "Share of response tokens whose PPO ratio was clipped on this side (low: A<0, r<1-eps_low; high: A>0)"
 _FIT = "Coefficient of the R-H fit R = -a exp(H) + b (Cui et al. 2505.22617)"
+_NO_SIGNAL = ("Steps in a row without learning signal (no group whose rewards differ, or almost no extractable "
+              "answer), under their likely cause")
 _PHASE = "Wall time of one step phase (seconds; phases overlap in the async loop)"
 
 STEP_STATS: dict[str, Metric] = {
@@ -106,10 +108,15 @@ STEP_STATS: dict[str, Metric] = {
     "response/length_mean": _g("forkrl_response_length_mean_tokens", "Mean response length (tokens)"),
     "response/length_max": _g("forkrl_response_length_max_tokens", "Longest response of the step (tokens)"),
     "response/truncated_share": _g("forkrl_response_truncated_ratio", "Share of responses cut at max_new_tokens"),
+    "reward/extract_rate": _g("forkrl_answer_extracted_ratio",
+                              "Share of the step's training responses with an extractable answer"),
     "sampling/drop_share": _g("forkrl_dynamic_sampling_drop_ratio",
                               "Share of graded groups DAPO dynamic sampling dropped (all rewards equal)"),
     "sampling/refill_rounds": _g("forkrl_dynamic_sampling_refill_rounds",
                                  "DAPO refill rounds of the step (generation batches after the first)"),
+    # Learning signal (cluster/driver/nosignal.py): the streak under its likely cause, 0 for the others
+    **{f"no_signal/{c}": _g("forkrl_no_signal_steps", _NO_SIGNAL, cause=c)
+       for c in ("answer_format", "too_hard", "too_easy")},
     # Queue
     "queue/undelivered": _g("forkrl_queue_depth_groups", "Scored groups on the stream not yet delivered"),
     "queue/produced": _c("forkrl_queue_produced_groups_total", "Scored groups added to the stream"),
@@ -157,6 +164,8 @@ OWN = {
     "step": _g("forkrl_step", "RL step the run last recorded"),
     "steps": _c("forkrl_steps_total", "RL steps recorded by this exporter (rate() gives steps per second)"),
     "floor": _g("forkrl_entropy_floor_nats", "Entropy floor of the collapse tracker (metrics.entropy_floor)"),
+    "no_signal_after": _g("forkrl_no_signal_threshold_steps",
+                          "Steps without learning signal in a row before the driver warns (metrics.no_signal_steps)"),
     "syncs": _c("forkrl_weight_syncs_total", "Successful weight syncs"),
     "last_sync": _g("forkrl_weight_sync_last_success_timestamp_seconds",
                     "Unix time of the last successful weight sync (the exporter's start until the first)"),
@@ -220,6 +229,7 @@ class MetricsExporter:
             if m.kind != "gauge":
                 self._child(m)
         self._child(OWN["floor"]).set(cfg.entropy_floor)
+        self._child(OWN["no_signal_after"]).set(cfg.no_signal_steps)
         self._child(OWN["last_sync"]).set(time.time())
         try:
             self._server = _serve(cfg.host, cfg.port, self.registry)

@@ -34,7 +34,7 @@ def alerts() -> list[dict]:
 
 
 def test_rules_and_example_config_are_valid(promtool):
-    assert "SUCCESS: 8 rules found" in run(promtool, "check", "rules", str(RULES))
+    assert "SUCCESS: 9 rules found" in run(promtool, "check", "rules", str(RULES))
     run(promtool, "check", "config", str(PROM_DIR / "prometheus.yml"))
 
 

@@ -45,7 +45,8 @@ def step_stats(run: str, step: int) -> dict[str, float]:
         "loss": -0.01, "learner/grad_norm": 0.5,
         "reward/mean": acc - 0.1, "reward/accuracy": acc - 0.1, "train/accuracy_pass": min(1.0, acc + 0.1),
         "response/length_mean": 40 - step / 2, "response/length_max": 64, "response/truncated_share": 0.05,
-        "sampling/drop_share": 0.3, "sampling/refill_rounds": 1,
+        "sampling/drop_share": 0.3, "sampling/refill_rounds": 1, "reward/extract_rate": 0.9,
+        "no_signal/answer_format": 0, "no_signal/too_hard": 0, "no_signal/too_easy": 0,
         "queue/undelivered": 4, "queue/produced": 8, "queue/consumed": 8, "queue/dropped_stale": 1,
         "queue/staleness/0": 5, "queue/staleness/1": 3, "queue/staleness/3": 1,
         "generator/tokens_per_s": 12000, "learner/tokens_per_s": 8000,
@@ -186,7 +187,7 @@ def test_rules_evaluate_and_collapse_alerts_go_active_for_the_collapsing_run_onl
         return rules if all(r.get("lastEvaluation", "").startswith("2") and r["evaluationTime"] > 0
                             for r in rules) else None
     rules = prom.wait("every rule to be evaluated", evaluated)
-    assert len(rules) == 8
+    assert len(rules) == 9
     assert all(r["health"] == "ok" and not r.get("lastError") for r in rules), rules
 
     expected = {  # alert -> state per run; `for:` keeps most pending within a short test

@@ -86,9 +86,11 @@ def test_dynamic_sampling_drops_only_zero_variance_groups():
     kept, stats = score_groups(rolls, RewardConfig(), "grpo", np.random.default_rng(0), run_inline)
     assert [k.group_id for k in kept] == ["mixed"] and stats["reward/dropped_zero_var"] == 3
     assert kept[0].rewards.tolist() == [1, 0, 1, 0] and stats["reward/kept_frac"] == 0.25
+    assert stats["reward/groups_with_signal"] == 1
     kept, stats = score_groups(rolls, RewardConfig(dynamic_sampling=False), "grpo", np.random.default_rng(0),
                                run_inline)
     assert [k.group_id for k in kept] == ["solved", "unsolved", "mixed", "single"]
+    assert stats["reward/groups_with_signal"] == 1   # kept, but only "mixed" has rewards that differ
     assert not kept[0].advantages.any() and not kept[1].advantages.any() and not kept[3].advantages.any()
 
 
