@@ -395,6 +395,11 @@ class MetricsConfig(Section):
     """Collapse tracker: the entropy slope (nats/step) and the predicted floor-crossing step come from a
     least-squares line over the last N steps (Cui et al. 2505.22617: most of the drop is early, so a
     whole-run slope would lag)."""
+    no_signal_steps: int = Field(3, ge=1)
+    """Steps in a row without learning signal (no group whose rewards differ, or under 10% of responses with
+    an extractable answer) before the driver warns once, on the log and the progress bar, with the extract
+    rate and the likely cause: answer format, task too hard or too easy (cluster/driver/nosignal.py); the
+    alert ForkrlNoLearningSignal reads it as forkrl_no_signal_threshold_steps."""
     trackers: list[Literal["wandb", "mlflow", "tensorboard"]] = []
     """Experiment trackers that also receive every metrics.jsonl series, the evaluations, the collapse fit, the
     config (as run parameters) and the report's plots; several at once, none by default (verl
