@@ -222,6 +222,12 @@ class AlgorithmConfig(Section):
     seeded random rho share; `threshold` is TRL's form of the top-rho mask (GRPOTrainer
     top_entropy_quantile): H >= tau with tau the (1-rho) entropy quantile, every tie at tau taken, so it can
     select more than ceil(rho*N) tokens (exactly-k `top` is verl's and the 80/20 code's)."""
+    entropy_window: int = Field(1, ge=1, le=1024)
+    """w: the forking mask ranks tokens by the mean entropy over a sliding window of w positions instead of
+    the single-token entropy (ARES/AEPO, Chen et al. arXiv 2510.08457: "high window-entropy" tokens,
+    H_bar_{t:w} = mean of H_t .. H_{t+w-1}). The window starts at the token, stays inside its own response
+    and is truncated at the response's end (the mean of the positions that exist; learner.masks
+    .window_entropy). Applies to every mask variant and scope; tau is then a window mean. 1 = off."""
     clip_cov_ratio: float = Field(2e-4, gt=0, le=1)
     """Clip-Cov r as a FRACTION of valid tokens (2e-4 = 0.02%; verl clip_cov_ratio). Not a percent."""
     clip_cov_lb: float = 1.0
@@ -241,6 +247,16 @@ class AlgorithmConfig(Section):
     k3 = r - 1 - log r (verl low_var_kl, capped at 10) with r = pi_ref/pi."""
     entropy_coef: float = Field(0.0, ge=0)
     """Fixed entropy-bonus coefficient alpha (Cui et al.: fragile; Skywork uses the adaptive controller)."""
+    entropy_adv_alpha: float = Field(0.0, ge=0)
+    """Entropy-based advantage shaping (Cheng et al. arXiv 2506.14758, "Reasoning with Exploration: An
+    Entropy Perspective"): every token's advantage becomes A + min(alpha * H_t, |A| / kappa), H_t the
+    full-vocabulary entropy at rollout.temperature under the weights being trained, DETACHED (no gradient
+    through the bonus; the shaped advantage is a constant like A). 0 = off; the paper's value is recalled as
+    0.4 (docs/algorithms.md 9.2, unconfirmed)."""
+    entropy_adv_kappa: float = Field(2.0, ge=1)
+    """kappa of the advantage shaping: the entropy term is at most |A| / kappa, so kappa >= 1 never flips the
+    sign of an advantage and a zero advantage stays zero (Cheng et al. 2506.14758: kappa = 2, as recalled;
+    docs/algorithms.md 9.2)."""
     adaptive_entropy: bool = False
     """Skywork-OR1 adaptive entropy control (He et al. 2505.22312, 3.2.5)."""
     entropy_target: float = Field(0.2, ge=0)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from cluster.config import AlgorithmConfig
-from learner.masks import forking_mask, mask_active, select_tokens
+from learner.masks import forking_mask, mask_active, select_tokens, window_entropy
 from learner.policy_losses import PolicyLossInputs, PolicyLossOutputs, get_policy_loss, token_covariance
 from learner.tokenstats import token_stats
 
@@ -224,7 +224,8 @@ def micro_batch_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch
         raise ValueError(f"entropy_scope={cfg.entropy_scope!r} needs the precomputed mask of the whole "
                          "mini-batch (masks.forking_mask / distributed.global_forking_mask)")
     policy_loss = get_policy_loss(cfg.policy_loss)
-    need_entropy = stats or entropy_coef > 0 or (mask is None and masked)
+    shaping = cfg.entropy_adv_alpha > 0
+    need_entropy = stats or entropy_coef > 0 or shaping or (mask is None and masked)
 
     logp, entropy = token_stats(logits, tokens, temperature, chunk=chunk, with_entropy=need_entropy,
                                 grad_buffer=grad_buffer)
@@ -238,18 +239,28 @@ def micro_batch_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch
 
     old_logp, adv, ref_logp, token_weight = map(clean, (old_logp, advantages, ref_logp, token_weight))
 
+    rank_by = None
+    if mask is None and masked:   # what the micro-scope mask ranks: H_t, or its window mean (ARES/AEPO)
+        rank_by = entropy.detach() if cfg.entropy_window == 1 else \
+            window_entropy(entropy, seq_ids, cfg.entropy_window, None if all_valid else valid)
     if mask is not None:
         selected, tau = mask[0] & valid, float(mask[1])
     elif masked and (check or not all_valid):
-        selected, tau = forking_mask(entropy.detach(), cfg.top_entropy_ratio, cfg.mask_variant, valid=valid,
+        selected, tau = forking_mask(rank_by, cfg.top_entropy_ratio, cfg.mask_variant, valid=valid,
                                      generator=generator)
     elif masked:   # the same selection, its threshold left on the device
-        pick, tau = select_tokens(entropy.detach(), cfg.top_entropy_ratio, cfg.mask_variant, generator)
+        pick, tau = select_tokens(rank_by, cfg.top_entropy_ratio, cfg.mask_variant, generator)
         selected = torch.zeros(n, dtype=torch.bool, device=logits.device)
         selected[pick] = True
     else:
         selected, tau = valid, float("nan")
 
+    shaping_sum = None
+    if shaping:   # Cheng et al. 2506.14758: A' = A + min(alpha * H.detach(), |A| / kappa), per token
+        psi = torch.minimum(cfg.entropy_adv_alpha * entropy.detach(), adv.abs() / cfg.entropy_adv_kappa)
+        psi = torch.where(valid, psi, 0.0)
+        adv = adv + psi
+        shaping_sum = psi.double().sum()
     out = policy_loss(PolicyLossInputs(logp, old_logp, adv, valid, num_valid, generator), cfg)
     per_tok = out.loss
     if token_weight is not None:
@@ -273,6 +284,8 @@ def micro_batch_loss(logits: torch.Tensor, tokens: torch.Tensor, old_logp: torch
     part = loss_statistics(out, logp=logp, old_logp=old_logp, adv=adv, valid=valid, all_valid=all_valid,
                            selected=selected, entropy=entropy, kl_tok=kl_tok,
                            terms=(loss, pg_loss, kl_loss, ent_loss), tau=tau, entropy_coef=entropy_coef)
+    if shaping_sum is not None:
+        part["sum/adv_entropy_shaping"] = shaping_sum
     if on_policy:
         part["tokens/logp"] = logp.detach()
     return loss, part

@@ -16,6 +16,12 @@ The `threshold` variant is TRL's form (GRPOTrainer top_entropy_quantile, `get_hi
 the (1 - rho) quantile of the valid entropies with linear interpolation (torch.quantile's default) and the
 mask is H >= tau, so it takes EVERY token tied at the threshold: its count depends on the entropies (>= the
 top-k count when tau falls on a tie, the k of ceil or floor otherwise), not on counts alone.
+
+Window entropy (AlgorithmConfig.entropy_window = w > 1; ARES/AEPO, Chen et al. arXiv 2510.08457): the mask
+ranks tokens by `window_entropy`, the mean of the single-token entropies over the window of w positions that
+starts at the token (H_bar_{t:w} = mean of H_t .. H_{t+w-1}), inside the token's own response only; the
+caller replaces `entropy` by it before `forking_mask`, whatever the variant and scope (a response lies whole
+on one rank and in one micro-batch, so the windows are the same at every scope).
 """
 
 from __future__ import annotations
@@ -130,6 +136,38 @@ def quantile(h: torch.Tensor, q: float) -> torch.Tensor:
     lo = min(int(math.floor(round(pos, 9))), s.numel() - 1)
     hi = min(lo + 1, s.numel() - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def window_entropy(entropy: torch.Tensor, seq_ids: torch.Tensor, w: int,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sliding-window mean entropy [N] float64 (detached): for token t of response s, the mean of the valid
+    entropies at the positions t, t+1, ..., t+w-1 that belong to s (ARES's forward window H_bar_{t:w}).
+
+    Edges: a window never crosses into the next response; near a response's end it is truncated to the
+    positions that exist (the last token's value is its own entropy), and invalid (padding) positions
+    inside a window are left out of the mean, not counted as 0. Invalid tokens get 0 (no mask selects them).
+    Precondition: the tokens of each response are contiguous and in order in the flat vector (the packed
+    micro-batch and the step's [T] order both are); w = 1 returns the entropies unchanged (as float64).
+    Cost O(N * w), no host synchronisation: the loss calls it per micro-batch."""
+    if w < 1:
+        raise ValueError(f"entropy_window must be >= 1, got {w}")
+    h = entropy.detach().double()
+    n = h.numel()
+    if seq_ids.shape != (n,):
+        raise ValueError(f"seq_ids must have shape ({n},), got {tuple(seq_ids.shape)}")
+    if w == 1 or n == 0:
+        return h if valid is None else torch.where(valid, h, 0.0)
+    v = torch.ones(n, dtype=torch.bool, device=h.device) if valid is None else valid
+    hv = torch.where(v, h, 0.0)
+    total, count = hv.clone(), v.double()
+    # summed offset by offset (k = 1 .. w-1), in a fixed order: a response's window means are the same
+    # numbers wherever it sits in the flat vector (micro, mini and global scopes agree exactly)
+    for k in range(1, min(w, n)):
+        same = (seq_ids[k:] == seq_ids[:-k]) & v[k:]
+        total[:-k] += torch.where(same, hv[k:], 0.0)
+        count[:-k] += same.double()
+    mean = total / count.clamp(min=1)
+    return torch.where(v, mean, 0.0)
 
 
 def _check_variant(variant: str) -> None:

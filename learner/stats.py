@@ -141,7 +141,8 @@ def summarize(parts: list[dict[str, Any]]) -> dict[str, float]:
     entropy/sampled = -mean(old logprob) (the Skywork controller's estimator); tau (mean of the parts'
     thresholds); cov/{mean,max,top_0.02pct_mean,frac_positive}; clip/{low,high,dual}_frac over the tokens
     in the policy loss; clip_cov/clipped and kl_cov/penalised counts; kl/approx (k1) and kl/approx_k3 of
-    KL(pi_old || pi_theta); kl/ref (mean per-token KL to the reference); ratio/{mean,std,min,max}.
+    KL(pi_old || pi_theta); kl/ref (mean per-token KL to the reference); ratio/{mean,std,min,max};
+    adv/entropy_shaping (the mean entropy term min(alpha H, |A|/kappa) added to the advantages, when on).
     """
     m = merge(parts)
     n = m.get("count/tokens", 0.0)
@@ -168,6 +169,8 @@ def summarize(parts: list[dict[str, Any]]) -> dict[str, float]:
         "ratio/min": m["min/ratio"] if n else math.nan, "ratio/max": m["max/ratio"] if n else math.nan,
         "entropy_coef": m.get("entropy_coef", math.nan),
     })
+    if "sum/adv_entropy_shaping" in m:   # Cheng et al. 2506.14758: mean psi over the valid tokens
+        out["adv/entropy_shaping"] = per("sum/adv_entropy_shaping", n)
     if "tokens/entropy" in m:
         out.update(entropy_stats(m["tokens/entropy"]))
     if "tokens/cov" in m:

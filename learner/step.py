@@ -138,7 +138,7 @@ class TrainStep:
         """The mini-batch's forking mask [total] bool and tau for scopes mini/global (None for micro or
         when no mask is in use). `entropy` [total]: reusable entropies, or None to recompute them."""
         from learner.distributed import global_forking_mask
-        from learner.masks import forking_mask
+        from learner.masks import forking_mask, window_entropy
 
         ac = self.cfg.algorithm
         if not mask_active(ac.top_entropy_ratio, ac.mask_variant) or ac.entropy_scope == "micro":
@@ -148,6 +148,10 @@ class TrainStep:
                                        with_entropy=True)[1]
         pos = flat_positions(seqs, idx, offsets).to(self.eng.device)
         local = entropy[pos]
+        if ac.entropy_window > 1:   # ARES/AEPO: rank by the window mean, each response's own tokens only
+            sids = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([seqs[i].resp_len for i in idx],
+                                                                                dtype=torch.long))
+            local = window_entropy(local, sids.to(self.eng.device), ac.entropy_window)
         if ac.entropy_scope == "global":
             sel, tau = global_forking_mask(local, ac.top_entropy_ratio, ac.mask_variant, generator=self.mask_gen)
         else:

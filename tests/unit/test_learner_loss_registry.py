@@ -95,14 +95,17 @@ def _micro_batch(seed=0, lengths=(7, 1, 12, 5, 9), v=30):
 @pytest.mark.parametrize("variant,scope", [("top", "micro"), ("bottom", "micro"), ("random", "micro"),
                                            ("top", "global"), ("top", "none")])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_the_step_s_micro_batch_loss_reads_nothing_back(monkeypatch, policy, variant, scope, agg):
+@pytest.mark.parametrize("window,alpha", [(1, 0.0), (3, 0.4)])
+def test_the_step_s_micro_batch_loss_reads_nothing_back(monkeypatch, policy, variant, scope, agg, window, alpha):
     """The call the training step makes per micro-batch (check=False, num_seqs known, valid=None) leaves
-    every statistic on the device: no host read, except Clip-Cov's draw (one: the candidate count)."""
+    every statistic on the device: no host read, except Clip-Cov's draw (one: the candidate count); also with
+    the window-entropy mask and the entropy-shaped advantages."""
     logits, tokens, old_logp, adv, seq_ids, ref = _micro_batch()
     n = logits.shape[0]
     cfg = AlgorithmConfig(policy_loss=policy, loss_agg=agg, top_entropy_ratio=1.0 if scope == "none" else 0.3,
                           mask_variant=variant, entropy_scope="micro" if scope == "none" else scope, kl_coef=0.05,
-                          entropy_coef=1e-3, clip_cov_ratio=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0)
+                          entropy_coef=1e-3, clip_cov_ratio=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0,
+                          entropy_window=window, entropy_adv_alpha=alpha)
     mask = (torch.arange(n) % 3 == 0, 0.5) if scope == "global" else None
     x = logits.clone().requires_grad_()
     with count_syncs(monkeypatch) as calls:
@@ -145,6 +148,8 @@ def test_a_step_reads_back_the_same_whatever_its_number_of_micro_batches(monkeyp
 
     for changes in ({"entropy_scope": "micro"}, {"top_entropy_ratio": 0.2, "entropy_scope": "micro"},
                     {"top_entropy_ratio": 0.2, "entropy_scope": "mini"},
+                    {"top_entropy_ratio": 0.2, "entropy_scope": "mini", "entropy_window": 3, "entropy_adv_alpha": 0.4},
+                    {"top_entropy_ratio": 0.2, "entropy_scope": "micro", "entropy_window": 3},
                     {"policy_loss": "kl_cov", "loss_agg": "seq-mean-token-mean", "entropy_scope": "micro"}):
         one, few = reads(10_000, changes), reads(24, changes)
         assert one[1] == 1 and few[1] > 3, (one, few)

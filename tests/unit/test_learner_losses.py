@@ -54,11 +54,19 @@ def ref_loss(logits, tokens, old_logp, adv, seq_ids, counts, cfg, *, temperature
         logp.append(ls[tokens[i]])
         ent.append(-(ls.exp() * ls).sum())
     old, a = old_logp.double().tolist(), adv.double().tolist()
+    if cfg.entropy_adv_alpha > 0:   # Cheng et al. 2506.14758: A + min(alpha H, |A| / kappa), H a constant
+        a = [a[i] + min(cfg.entropy_adv_alpha * float(ent[i].detach()), abs(a[i]) / cfg.entropy_adv_kappa)
+             for i in range(n)]
 
     if mask is not None:
         sel = [bool(m) and v for m, v in zip(mask[0].tolist(), valid)]
     elif cfg.top_entropy_ratio < 1 or cfg.mask_variant == "bottom":
-        sel = ref_selection([float(h.detach()) for h in ent], valid, cfg.top_entropy_ratio, cfg.mask_variant)
+        rank = [float(h.detach()) for h in ent]
+        if cfg.entropy_window > 1:   # ARES window t .. t+w-1 inside the response, padding left out
+            w = cfg.entropy_window
+            rank = [sum(win) / len(win) if valid[t] else 0.0 for t in range(n)
+                    for win in [[rank[j] for j in range(t, min(t + w, n)) if seqs[j] == seqs[t] and valid[j]]]]
+        sel = ref_selection(rank, valid, cfg.top_entropy_ratio, cfg.mask_variant)
     else:
         sel = list(valid)
 
@@ -313,16 +321,20 @@ def test_all_masked_gives_zero_loss_and_gradient():
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("scope", ["micro", "mini"])
-def test_micro_batch_losses_sum_to_the_mini_batch_loss(agg, scope):
-    """Summing micro-batch losses (global normalisers) reproduces the one-shot mini-batch loss and gradient."""
+@pytest.mark.parametrize("window,alpha", [(1, 0.0), (4, 0.4)])
+def test_micro_batch_losses_sum_to_the_mini_batch_loss(agg, scope, window, alpha):
+    """Summing micro-batch losses (global normalisers) reproduces the one-shot mini-batch loss and gradient,
+    also with the window-entropy mask and the entropy-shaped advantages."""
+    from learner.masks import window_entropy
+
     batch = make_batch(43, LENGTHS, spread=0.5)
     logits, tokens, old_logp, adv, seq_ids, _ = batch
     cfg = AlgorithmConfig(loss_agg=agg, top_entropy_ratio=0.25, entropy_scope=scope, entropy_norm="selected_tokens",
-                          entropy_coef=1e-2)
+                          entropy_coef=1e-2, entropy_window=window, entropy_adv_alpha=alpha)
     splits = [(0, 20), (20, 35), (35, 48)]           # response boundaries of LENGTHS (cumsum 7 8 20 25 26 35 38 48)
     if scope == "mini":
         _, entropy = token_stats(logits, tokens)
-        mini_mask, tau = forking_mask(entropy, 0.25)
+        mini_mask, tau = forking_mask(window_entropy(entropy, seq_ids, window), 0.25)
         masks = [(mini_mask[s:e], tau) for s, e in splits]
         n_sel = int(mini_mask.sum())
         full_mask = (mini_mask, tau)
@@ -505,3 +517,62 @@ def test_threshold_mask_in_the_loss_trains_every_token_at_or_above_tau(agg):
     assert loss == pytest.approx(given, rel=1e-12, abs=1e-12)
     torch.testing.assert_close(grad, g_given, rtol=0, atol=0)
     assert (grad[~want] == 0).all()
+
+
+@pytest.mark.parametrize("policy", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_entropy_advantage_shaping_matches_reference(policy, agg):
+    """A' = A + min(alpha * H.detach(), |A| / kappa) (Cheng et al. 2506.14758) against the float64
+    reference: value and gradient (no gradient through H: the reference uses H as a constant), with and
+    without a window mask; the statistic adv/entropy_shaping is the mean of the added term."""
+    for seed, (alpha, kappa, window, rho) in enumerate([(0.4, 2.0, 1, 1.0), (5.0, 2.0, 3, 0.3),
+                                                        (0.05, 1.0, 8, 0.5)]):
+        extra = {"clip_cov_ratio": 0.1, "clip_cov_lb": -10.0, "clip_cov_ub": 10.0} if policy == "clip_cov" else {}
+        cfg = AlgorithmConfig(policy_loss=policy, loss_agg=agg, entropy_adv_alpha=alpha, entropy_adv_kappa=kappa,
+                              entropy_window=window, top_entropy_ratio=rho, entropy_scope="micro", **extra)
+        batch = make_batch(60 + seed, LENGTHS, spread=0.5)
+        part = assert_matches(batch, cfg, seed=7 if policy == "clip_cov" else None)
+        logits, tokens, _, adv, _, _ = batch
+        _, h = token_stats(logits.double(), tokens)
+        psi = torch.minimum(alpha * h, adv.double().abs() / kappa)
+        assert part["sum/adv_entropy_shaping"] == pytest.approx(float(psi.sum()), rel=1e-5)
+        shaped = adv.double() + psi
+        assert ((shaped == 0) == (adv == 0)).all()                   # a zero advantage stays zero
+        assert (torch.sign(shaped) == torch.sign(adv.double())).all()   # kappa >= 1: no sign flips
+
+
+def test_entropy_advantage_shaping_needs_no_stats_and_is_off_at_zero():
+    from learner.stats import summarize
+
+    batch = make_batch(70, LENGTHS)
+    counts = counts_for(48, 48)
+    on = AlgorithmConfig(entropy_adv_alpha=0.4)
+    l_stats, g_stats, part = run_loss(batch, counts, on)
+    l_cheap, g_cheap, _ = run_loss(batch, counts, on, stats=False)
+    assert l_stats == pytest.approx(l_cheap, rel=1e-12) and torch.equal(g_stats, g_cheap)
+    assert summarize([part])["adv/entropy_shaping"] == pytest.approx(part["sum/adv_entropy_shaping"] / 48)
+    l_off, _, part_off = run_loss(batch, counts, AlgorithmConfig())
+    assert "sum/adv_entropy_shaping" not in part_off and "adv/entropy_shaping" not in summarize([part_off])
+    assert l_off != pytest.approx(l_stats)
+    with pytest.raises(ValueError):
+        AlgorithmConfig(entropy_adv_kappa=0.5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_window_mask_in_the_loss_matches_reference_with_padding(agg):
+    """entropy_window inside the loss (micro scope), with padding tokens: the float64 reference's window over
+    the valid tokens of each response."""
+    batch = make_batch(71, LENGTHS, spread=0.5)
+    n = batch[0].shape[0]
+    valid = torch.arange(n) % 5 != 2
+    for w, variant in [(2, "top"), (5, "bottom"), (40, "top")]:
+        cfg = AlgorithmConfig(loss_agg=agg, top_entropy_ratio=0.3, mask_variant=variant, entropy_window=w,
+                              entropy_scope="micro")
+        n_valid = int(valid.sum())
+        counts = counts_for(n_valid, selected_count(n_valid, 0.3, variant))
+        loss, grad, part = run_loss(batch, counts, cfg, valid=valid)
+        logits, tokens, old_logp, adv, seq_ids, _ = batch
+        ref, ref_grad, sel = ref_loss(logits, tokens, old_logp, adv, seq_ids, counts, cfg, valid=valid)
+        assert part["count/selected"] == sum(sel)
+        assert loss == pytest.approx(ref, rel=1e-5, abs=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)

@@ -156,3 +156,98 @@ def test_threshold_with_the_selected_normaliser_needs_a_precomputed_mask():
                         top_entropy_ratio=0.2)
     AlgorithmConfig(mask_variant="threshold", entropy_norm="selected_tokens", entropy_scope="global",
                     top_entropy_ratio=0.2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Window entropy (ARES/AEPO): the mask ranks tokens by the mean entropy of the window t .. t+w-1 inside
+# the token's own response (truncated at its end, padding left out of the mean).
+
+def ref_window(entropy: list[float], seq_ids: list[int], valid: list[bool], w: int) -> list[float]:
+    out = []
+    for t in range(len(entropy)):
+        if not valid[t]:
+            out.append(0.0)
+            continue
+        window = [entropy[j] for j in range(t, min(t + w, len(entropy)))
+                  if seq_ids[j] == seq_ids[t] and valid[j]]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def _packed(g: torch.Generator, max_resp: int = 6, max_len: int = 9):
+    lengths = torch.randint(1, max_len + 1, (int(torch.randint(1, max_resp + 1, (1,), generator=g)),),
+                            generator=g)
+    return torch.repeat_interleave(torch.arange(len(lengths)), lengths), lengths
+
+
+@pytest.mark.parametrize("variant", ["top", "bottom", "threshold"])
+def test_window_mask_matches_a_float64_reference_with_ties_padding_and_edges(variant):
+    from learner.masks import window_entropy
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        seq_ids, _ = _packed(g)
+        n = seq_ids.numel()
+        w = [2, 3, 5, 50, 1][trial % 5]                       # 50: longer than any response
+        if trial % 2:    # few levels (sums and means exact in binary: ties resolved as the reference does)
+            entropy = torch.randint(0, 4, (n,), generator=g).double() * 0.25
+        else:
+            entropy = torch.rand(n, generator=g, dtype=torch.float64) * 3
+        valid = torch.rand(n, generator=g) < (0.4 if trial % 3 == 0 else 1.0)
+        hw = window_entropy(entropy.float() if trial % 7 == 0 else entropy, seq_ids, w, valid)
+        ref = ref_window(entropy.tolist(), seq_ids.tolist(), valid.tolist(), w)
+        if trial % 7 == 0:    # float32 entropies are widened first: the reference of the rounded values
+            ref = ref_window(entropy.float().double().tolist(), seq_ids.tolist(), valid.tolist(), w)
+        assert hw.dtype == torch.float64
+        if trial % 2:
+            assert hw.tolist() == ref
+        else:
+            torch.testing.assert_close(hw, torch.tensor(ref, dtype=torch.float64), rtol=1e-13, atol=0)
+        if variant == "threshold":
+            continue
+        rho = [0.2, 0.5, 0.01, 1.0, 0.33][trial % 5]
+        mask, tau = forking_mask(hw, rho, variant, valid=valid)
+        if trial % 2:
+            ref_m, ref_tau = ref_mask(ref, valid.tolist(), rho, variant)
+            assert mask.tolist() == ref_m
+            assert (math.isnan(tau) and math.isnan(ref_tau)) or tau == ref_tau
+        assert int(mask.sum()) == selected_count(int(valid.sum()), rho, variant)
+
+
+def test_window_edges_stay_inside_each_response():
+    from learner.masks import window_entropy
+
+    h = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 5.0])
+    sid = torch.tensor([0, 0, 0, 1, 1, 2])
+    # w = 2: [mean(1,2), mean(2,3), 3 (response end: truncated), mean(10,20), 20, 5]
+    assert window_entropy(h, sid, 2).tolist() == [1.5, 2.5, 3.0, 15.0, 20.0, 5.0]
+    # w = 3 with the middle token of response 0 padding: left out of the mean, gets 0 itself
+    valid = torch.tensor([True, False, True, True, True, True])
+    assert window_entropy(h, sid, 3, valid).tolist() == [2.0, 0.0, 3.0, 15.0, 20.0, 5.0]
+    # w = 1: the single-token entropies
+    assert window_entropy(h, sid, 1).tolist() == h.tolist()
+    # the window starts at the token: the highest window is the one that LEADS into high entropy
+    mask, tau = forking_mask(window_entropy(h, sid, 2), 1 / 6)
+    assert mask.tolist() == [False, False, False, False, True, False] and tau == 20.0
+
+
+def test_window_is_the_same_wherever_a_response_sits_and_all_masked_selects_nothing():
+    """A response's window means do not depend on its neighbours or its offset (bitwise: the mini and
+    global scopes concatenate responses); an all-padding batch selects nothing (tau NaN)."""
+    from learner.masks import window_entropy
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.rand(13, generator=g) * 4, torch.rand(7, generator=g) * 4
+    alone = window_entropy(b, torch.zeros(7, dtype=torch.long), 4)
+    both = window_entropy(torch.cat([a, b]), torch.tensor([0] * 13 + [1] * 7), 4)
+    assert torch.equal(both[13:], alone)
+    none = torch.zeros(20, dtype=torch.bool)
+    hw = window_entropy(torch.cat([a, b]), torch.tensor([0] * 13 + [1] * 7), 4, none)
+    assert (hw == 0).all()
+    mask, tau = forking_mask(hw, 0.2, valid=none)
+    assert not mask.any() and math.isnan(tau)
+    assert window_entropy(torch.zeros(0), torch.zeros(0, dtype=torch.long), 3).numel() == 0
+    with pytest.raises(ValueError, match="entropy_window"):
+        window_entropy(a, torch.zeros(13, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="seq_ids"):
+        window_entropy(a, torch.zeros(12, dtype=torch.long), 2)
