@@ -102,7 +102,7 @@ def test_spec_errors_name_the_field(tmp_path):
 def rows_from(steps, entropy, acc, eval_every):
     rows = []
     for s, h, r in zip(steps, entropy, acc):
-        row = {"step": float(s), "time/step_s": 1.0, "entropy/mean": h}
+        row = {"step": float(s), "time/step_s": 1.0, "entropy/policy": h}   # Eq. 5, what the fit reads
         if s % eval_every == 0:
             row["eval/accuracy_avg"] = r
         rows.append(row)
