@@ -144,19 +144,45 @@ def remove_stale_build_locks(root: str | Path | None = None) -> list[Path]:
     return removed
 
 
+def loopback_interface(host: str) -> str | None:
+    """The name of the network interface holding `host` when it is a loopback address (`lo`), else None."""
+    import ipaddress
+
+    import psutil
+
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:   # a host name: a cluster's, not this machine's loopback
+        return None
+    return next((name for name, addrs in psutil.net_if_addrs().items()
+                 if any(a.address.split("%")[0] == host for a in addrs)), None)
+
+
 def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, int]) -> None:
     """Join the learner's default process group (NCCL with GPUs, else gloo). DeepSpeed loads (and on first
     use builds) its communication op here: a build lock a killed build left behind is removed first."""
     import deepspeed
 
+    import torch.distributed as dist
+
+    from cluster.transport.weightsync import rendezvous_store
+
     os.environ.update(MASTER_ADDR=master[0], MASTER_PORT=str(master[1]), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_SIZE="1")
     gpu = torch.cuda.is_available() and cfg.cluster.learner_gpus > 0
+    backend = "nccl" if gpu else "gloo"
+    if backend == "gloo" and (lo := loopback_interface(master[0])):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)   # gloo's pairs listen there, not on the hostname's address
     remove_stale_build_locks()
     # a rank whose queue read returned waits in train_step's agreement for the slowest read, which
     # gives up after queue.read_timeout_s: the collectives must outwait it
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", auto_mpi_discovery=False,
-                               verbose=False, timeout=timedelta(seconds=cfg.queue.read_timeout_s + 120))
+    timeout = timedelta(seconds=cfg.queue.read_timeout_s + 120)
+    # the default group on a store whose listener binds MASTER_ADDR only (DeepSpeed then takes the group as
+    # it is: "the user initialized torch.dist themselves"); env:// would listen on every interface
+    dist.init_process_group(backend, store=rendezvous_store(master[0], master[1], rank, world, timeout),
+                            rank=rank, world_size=world, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     # LOCAL_SIZE=1 keeps DeepSpeed's CPU shared-memory all-reduce (an inference path) off when
     # world > 1; a 1-rank group still maps a 69 MB /dev/shm segment that no other process opens and
     # nobody removes: unlink it now (the mapping stays valid until exit).

@@ -4,6 +4,7 @@ group that joins them."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -36,9 +37,40 @@ def start_ray(cfg: Config, log_to_driver: bool = True) -> tuple[bool, bool]:
         ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
         log.info("joined the Ray cluster at %s", address)
         return _one_node(), False
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
-             dashboard_host=cfg.cluster.dashboard_host, log_to_driver=log_to_driver)
+    with _loopback_node():
+        ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
+                 dashboard_host=cfg.cluster.dashboard_host, log_to_driver=log_to_driver)
+    ip = ray.util.get_node_ip_address()
+    if ip in ("127.0.0.1", "::1"):
+        log.info("started a private local Ray on %s (loopback only)", ip)
+    else:  # a Ray that no longer honours its local-only mode: say so rather than listen quietly
+        log.warning("the private local Ray took node address %s: its ports are reachable from the network", ip)
     return True, True
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """The private Ray's node address is loopback, so every one of its servers listens on 127.0.0.1 only
+    (docs/platform.md "What a local run listens on"). Ray binds its gRPC servers (GCS, raylet, object
+    manager, each worker's core worker), agents and metrics exporters to loopback exactly when the node
+    address is loopback, but `ray.init(_node_ip_address="127.0.0.1")` is rewritten to the machine's address
+    (`services.resolve_ip_for_localhost`); Ray's own local-only mode (what it uses on macOS and Windows,
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0) makes the node address loopback. Set for `ray.init` only: the
+    processes it starts inherit it (and the workers from the raylet), then this process's environment is
+    restored, so a later `ray.init(address=...)` in it joins a cluster as before."""
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    env, const = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False   # read at import (ray_constants) and here
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = const
+        if env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = env
 
 
 def check_local_fit(cfg: Config) -> None:

@@ -185,16 +185,8 @@ def nccl_error_handling() -> None:
 def _open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float, backend: str):
     """A process group of its own (TCPStore + backend object): the default group is never initialised."""
     timeout = timedelta(seconds=timeout_s)
-    listener = None
     try:
-        if rank == 0:
-            # Bind the rendezvous socket ourselves so it listens on `host` only (127.0.0.1 for a local run),
-            # not on every interface as TCPStore's own listener would.
-            listener = socket.create_server((host, port), reuse_port=False)
-            store = dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
-                                  master_listen_fd=listener.detach(), use_libuv=False)
-        else:
-            store = dist.TCPStore(host, port, world_size, False, timeout)
+        store = rendezvous_store(host, port, rank, world_size, timeout)
         if backend == "gloo":
             opts = dist.ProcessGroupGloo._Options()
             opts._timeout = timeout
@@ -207,9 +199,21 @@ def _open_group(host: str, port: int, rank: int, world_size: int, timeout_s: flo
     except (RuntimeError, OSError) as e:  # rendezvous timed out / refused: say who and where
         raise SyncError(f"weight-sync group {host}:{port} rank {rank}/{world_size} ({backend}) "
                         f"could not form within {timeout_s} s: {_why(e)}") from None
+
+
+def rendezvous_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> dist.TCPStore:
+    """The TCPStore of a group's rendezvous at host:port. Rank 0 binds the listening socket itself, on `host`
+    only (127.0.0.1 for a local run): TCPStore's own server listens on every interface (`::`, dual stack)
+    whatever host it is given. Used by the weight-sync groups and the learner's process group."""
+    if rank:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, port), family=family, reuse_port=False)
+    try:
+        return dist.TCPStore(host, port, world_size, True, timeout, wait_for_workers=False,
+                             master_listen_fd=listener.detach(), use_libuv=False)
     finally:
-        if listener is not None:
-            listener.close()
+        listener.close()
 
 
 class BroadcastGroup:

@@ -60,6 +60,10 @@ SECURITY = """
   manifest.
 - /metrics is served on 127.0.0.1 (checked on the listening socket of a live run) and a local run starts Ray
   without a dashboard (checked in its log); `cluster.dashboard_host` defaults to 127.0.0.1.
+- A local run listens on 127.0.0.1 only: its private Ray (GCS, raylet, every worker, the agents, the
+  monitor), the learner's and weight-sync groups' TCPStores and gloo pairs, /metrics and Valkey
+  (tests/integration/test_local_bind.py: every listening socket of a live run's process tree; docs/platform.md
+  "What a local run listens on").
 - The queue password never reaches the run directory: config.yaml is written without it (in the field or
   the URL; `--resume` takes it from FORKRL_REDIS_PASSWORD), and the tests grep the log, metrics.jsonl,
   ledger.jsonl, pids.json, config.yaml and the report for it.
