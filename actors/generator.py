@@ -7,7 +7,11 @@ transformers `generate` instead: a comparison baseline that must be chosen expli
 
 Log-probs are the sampler's own for the sampled token. `rollout.logprobs_mode=processed_logprobs` (default)
 gives log-probs of the distribution actually sampled from (after temperature and top-p), which is what the
-importance ratio needs; vLLM's own default is the raw model distribution.
+importance ratio needs; vLLM's own default is the raw model distribution. With
+`rollout.forking_temperature` the temperature is per position (actors/forking.py, a vLLM logits processor)
+and the processed log-probs are those of that per-position distribution; each rollout's `timing` then also
+carries the prompt's forking counts (`forking_positions`, `forking_high`, `forking_high_entropy_sum`,
+`forking_entropy_sum`).
 
 Weights arrive through cluster/transport/weightsync.py: `init_weight_sync` joins the private group (every vLLM worker
 is one rank), then each `receive_weights` takes one versioned sync. Ray runs one method of an actor at a time,
@@ -40,13 +44,29 @@ def request_seed(eval_seed: int, prompt_id: str) -> int:
 
 
 @dataclass(frozen=True)
+class Forking:
+    """Forking-aware sampling of one call (actors/forking.py): T_high where the entropy at temperature 1 is
+    >= threshold, T_low elsewhere."""
+
+    high: float
+    low: float
+    threshold: float
+
+    def __post_init__(self):
+        if not (self.high > 0 and self.low > 0 and self.threshold >= 0):
+            raise ValueError(f"invalid forking sampling {self}: need high > 0, low > 0, threshold >= 0")
+
+
+@dataclass(frozen=True)
 class Sampling:
-    """How to sample one call: n responses per prompt; temperature 0 is greedy (tests, references)."""
+    """How to sample one call: n responses per prompt; temperature 0 is greedy (tests, references).
+    `forking`: per-position temperatures instead of `temperature` (vLLM only)."""
 
     n: int
     temperature: float
     top_p: float
     max_new_tokens: int
+    forking: Forking | None = None
 
     def __post_init__(self):
         if self.n < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
@@ -54,8 +74,15 @@ class Sampling:
                              f"max_new_tokens >= 1")
 
     @classmethod
-    def train(cls, r: RolloutConfig) -> "Sampling":
-        return cls(r.group_size, r.temperature, r.top_p, r.max_new_tokens)
+    def train(cls, r: RolloutConfig, threshold: float | None = None) -> "Sampling":
+        """Training sampling; with rollout.forking_temperature on, `threshold` is the live one (None: the
+        configured fixed value)."""
+        f = r.forking_temperature
+        forking = None
+        if f.enabled:
+            thr = threshold if threshold is not None else f.live_start if f.threshold == "live" else f.threshold
+            forking = Forking(f.high, f.low if f.low is not None else r.temperature, float(thr))
+        return cls(r.group_size, r.temperature, r.top_p, r.max_new_tokens, forking)
 
     @classmethod
     def eval(cls, r: RolloutConfig) -> "Sampling":
@@ -129,7 +156,13 @@ class _VLLMEngine:
     def __init__(self, model_path: str, r: RolloutConfig, dtype: str, seed: int, max_model_len: int):
         from vllm import LLM
 
-        self.llm = LLM(model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+        forking = {}
+        if r.forking_temperature.enabled:   # registered only when configured: the default path is vLLM's own
+            from actors.forking import ForkingTemperature
+            forking = {"logits_processors": [ForkingTemperature]}
+        self.forking_counts: list[dict[str, float]] = []   # of the last call's prompts (forking sampling)
+        self._calls = 0
+        self.llm = LLM(model=model_path, **forking, dtype=dtype, seed=seed, max_model_len=max_model_len,
                        kv_cache_memory_bytes=int(r.kv_cache_gib * (1 << 30)), block_size=r.block_size,
                        enforce_eager=r.enforce_eager, **engine_placement(r, max_model_len),
                        tensor_parallel_size=r.tensor_parallel_size, max_num_seqs=r.max_num_seqs,
@@ -148,11 +181,26 @@ class _VLLMEngine:
         params = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=0,
                                 max_tokens=s.max_new_tokens, logprobs=0, flat_logprobs=True, detokenize=False,
                                 stop_token_ids=self.eos)
+        keys: list[str] = []
+        if seeds is not None or s.forking is not None:   # one SamplingParams per prompt
+            params = [params.clone() for _ in prompt_ids]
         if seeds is not None:   # a per-request generator each (the engine's global RNG is not touched)
-            params = [params.clone() for _ in seeds]
             for p, seed in zip(params, seeds):
                 p.seed = seed
+        if s.forking is not None:   # the processor tempers the raw logits: the request's own T is 1
+            from actors.forking import request_args
+
+            self._calls += 1
+            keys = [f"{self._calls}:{i}" for i in range(len(prompt_ids))]
+            for p, key in zip(params, keys):
+                p.temperature = 1.0
+                p.extra_args = {**(p.extra_args or {}),
+                                **request_args(key, s.forking.high, s.forking.low, s.forking.threshold)}
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
+        self.forking_counts = []
+        if keys:   # every worker holds the same batch: the first one's counts
+            got = self.llm.collective_rpc("forkrl_forking_counts", args=(keys,))[0]
+            self.forking_counts = [got.get(k, {}) for k in keys]
         flat = [o for out in outs for o in out.outputs]
         texts = self.tokenizer.batch_decode([list(o.token_ids) for o in flat], skip_special_tokens=True)
         samples = []
@@ -201,6 +249,8 @@ class _HFEngine:
 
         from cluster.data.sampling import cut_at_eos, hf_sample, left_pad
 
+        if s.forking is not None:
+            raise ValueError("forking-aware sampling needs the vLLM backend")
         if seeds:   # one batch, one generator: the same call samples the same (not per request, as vLLM)
             torch.manual_seed(seeds[0])
         with torch.inference_mode():
@@ -269,6 +319,7 @@ class Generator:
         self.broken: str | None = None
         self._sync_ok = False     # a joined weight-sync group that has not failed
         self._counter = 0
+        self.forking_threshold: float | None = None   # threshold=live: the learner's tau of the last sync
 
     def info(self) -> dict:
         import torch
@@ -279,7 +330,7 @@ class Generator:
 
     def generate(self, prompts: list[Prompt], sampling: Sampling | None = None) -> list[Rollout]:
         """One Rollout (G = sampling.n responses) per prompt, tagged with the current weights version."""
-        s = sampling or Sampling.train(self.rollout)
+        s = sampling or Sampling.train(self.rollout, self.forking_threshold)
         seeds = None
         if self.rollout.seeded and sampling is None:   # rollout.seeded: a seed per prompt draw (reproducible)
             seeds = [request_seed(self.train_seed, f"{p.prompt_id}@{p.draw}") for p in prompts]
@@ -308,9 +359,12 @@ class Generator:
         groups = self.engine.generate(ids, s, seeds) if ids else []
         seconds = time.perf_counter() - t0
         batch_tokens = sum(len(x.token_ids) for g in groups for x in g)
+        forking = getattr(self.engine, "forking_counts", []) if s.forking is not None else []
         out = []
-        for p, samples in zip(prompts, groups):
+        for k, (p, samples) in enumerate(zip(prompts, groups)):
             self._counter += 1
+            # forking-aware sampling: this prompt's positions, those at T_high, and the entropy sums
+            fork = {f"forking_{name}": float(v) for name, v in (forking[k] if k < len(forking) else {}).items()}
             responses = [Response(np.asarray(x.token_ids, dtype=np.int32), np.asarray(x.logprobs, dtype=np.float32),
                                   x.text, x.finish_reason) for x in samples]
             out.append(Rollout(
@@ -318,7 +372,7 @@ class Generator:
                 prompt_ids=np.asarray(p.token_ids, dtype=np.int32), prompt=p.text, responses=responses,
                 version=self.version, generator_id=self.generator_id, gold=p.gold, meta=dict(p.meta),
                 timing={"generate_s": seconds, "tokens": float(sum(len(r.token_ids) for r in responses)),
-                        "batch_tokens": float(batch_tokens)}))
+                        "batch_tokens": float(batch_tokens), **fork}))
         return out
 
     # ----------------------------------------------------------------------------- weight sync
@@ -337,8 +391,10 @@ class Generator:
         self._sync_ok = True
         return ranks
 
-    def receive_weights(self) -> dict:
+    def receive_weights(self, forking_threshold: float | None = None) -> dict:
         """Take one sync: wait for the learner's manifest, receive and reload, drop the prefix cache.
+        `forking_threshold`: the learner's tau for rollout.forking_temperature.threshold=live (None or NaN:
+        keep the current one), used from this version on.
 
         Returns {"version", "tensors", "bytes", "wait_s", "receive_s", "apply_s"} (seconds; apply_s is the
         overlapped receive + reload). A failure before any weight arrived keeps the old weights usable; one
@@ -360,6 +416,8 @@ class Generator:
             raise
         self.version = done["version"]
         self._sync_ok = True
+        if forking_threshold is not None and forking_threshold == forking_threshold:
+            self.forking_threshold = float(forking_threshold)
         return {**head, **done}
 
     def close_weight_sync(self) -> None:

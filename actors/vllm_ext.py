@@ -78,3 +78,10 @@ class WeightSyncWorker:
         if rx is not None:
             rx.close()
             self._forkrl_receiver = None
+
+    def forkrl_forking_counts(self, keys: list[str]) -> dict[str, dict[str, float]]:
+        """Forking-aware sampling's counts of these request keys (actors/forking.py), forgotten afterwards."""
+        from actors.forking import find
+
+        proc = find(self)
+        return proc.pop_counts(list(keys)) if proc is not None else {}

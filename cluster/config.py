@@ -82,6 +82,35 @@ class DataConfig(Section):
     """Prompts longer than this (in tokens) are an error naming the row."""
 
 
+class ForkingTemperatureConfig(Section):
+    """Forking-aware sampling (docs/algorithms.md 9.3): training rollouts sample each position at `high`
+    when the policy's entropy there is at or above `threshold`, at `low` elsewhere. The 80/20 paper (Wang
+    et al. 2506.01939) reports that a higher temperature on the high-entropy tokens alone helps, a lower one
+    there hurts a lot, and the other tokens' temperature matters little. Implemented as a vLLM logits
+    processor (actors/forking.py); the sampler's stored log-probs are those of the per-position tempered
+    distribution. Off unless `high` is set; evaluation sampling is never affected."""
+
+    high: float | None = Field(None, gt=0)
+    """T_high, the temperature of positions whose entropy is >= threshold; None = forking-aware sampling
+    off (the default)."""
+    low: float | None = Field(None, gt=0)
+    """T_low, the temperature of every other position; None = rollout.temperature."""
+    threshold: float | Literal["live"] = 0.672
+    """Entropy threshold in nats, of the policy's distribution at temperature 1 over the raw logits (full
+    vocabulary) at the position being sampled. A number is fixed (0.672: the 80th percentile of Qwen3-8B's
+    token entropies the 80/20 paper reports, docs/algorithms.md 1.7); `live` = the learner's tau of the
+    last step (the top-rho mask threshold, learner stat `tau`), sent to the generators with each weight
+    sync, starting at `live_start` until the first step with a mask. tau is measured at
+    rollout.temperature, so `live` compares like with like only at rollout.temperature = 1."""
+    live_start: float = Field(0.672, ge=0)
+    """The threshold of threshold=live before the learner has published a tau (and after a generator was
+    replaced, until the next sync)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.high is not None
+
+
 class RolloutConfig(Section):
     backend: Literal["vllm", "hf"] = "vllm"
     """Generation engine. `hf` (transformers generate) exists only for comparison and must be chosen
@@ -131,12 +160,21 @@ class RolloutConfig(Section):
     depend on the generator, the split, a replaced engine or a resume. Off by default: on GPU vLLM samples
     seeded requests one by one, which costs throughput at large batches. The chaos soak turns it on to
     compare a faulted run with a clean resume (docs/reliability.md)."""
+    forking_temperature: ForkingTemperatureConfig = ForkingTemperatureConfig()
+    """Forking-aware sampling of training rollouts: T_high at high-entropy positions, T_low elsewhere (off
+    by default; docs/algorithms.md 9.3)."""
     eval_samples: int = Field(4, ge=1)
     """k samples per eval problem: accuracy is reported as avg@k and pass@k."""
     eval_temperature: float = Field(1.0, gt=0)
     """Eval sampling temperature (80/20 paper: 1.0 with top_p 0.7; Entropy-Mechanism: 0.6)."""
     eval_top_p: float = Field(1.0, gt=0, le=1)
     """Eval nucleus (80/20 paper: 0.7)."""
+
+    @model_validator(mode="after")
+    def _forking(self) -> "RolloutConfig":
+        if self.forking_temperature.enabled and self.backend != "vllm":
+            raise ValueError("rollout.forking_temperature needs backend=vllm (it is a vLLM logits processor)")
+        return self
 
 
 class RewardConfig(Section):

@@ -50,15 +50,25 @@ def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 def rollout_stats(rollouts: list[Rollout], version: int) -> dict[str, float]:
-    """response/* and generator/staleness_at_sample of one step's rollouts (learner weights at `version`)."""
+    """response/* and generator/staleness_at_sample of one step's rollouts (learner weights at `version`);
+    with forking-aware sampling also generator/forking_high_share (positions sampled at T_high / positions)
+    and generator/forking_high_entropy (mean entropy at T = 1 of those positions, nats)."""
     lengths = [len(x.token_ids) for r in rollouts for x in r.responses]
-    return {
+    st = {
         "response/length_mean": float(np.mean(lengths)) if lengths else 0.0,
         "response/length_max": float(max(lengths, default=0)),
         "response/truncated_share": float(np.mean([x.finish_reason == "length" for r in rollouts
                                                    for x in r.responses])) if lengths else 0.0,
         "generator/staleness_at_sample": float(version - min((r.version for r in rollouts), default=0)),
     }
+    if any("forking_positions" in r.timing for r in rollouts):   # rollout.forking_temperature (actors/forking.py)
+        def total(key: str) -> float:
+            return float(sum(r.timing.get(key, 0.0) for r in rollouts))
+
+        positions, high = total("forking_positions"), total("forking_high")
+        st["generator/forking_high_share"] = high / positions if positions else math.nan
+        st["generator/forking_high_entropy"] = total("forking_high_entropy_sum") / high if high else math.nan
+    return st
 
 
 def eval_stats(rollouts: list[Rollout], groups: list[ScoredGroup]) -> dict[str, float]:

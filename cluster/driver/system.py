@@ -276,7 +276,10 @@ class System:
 
         if self.synced == self.version:
             return  # nothing new to publish
-        gen_refs = dict(enumerate(g.receive_weights.remote() for g in self.actors.generators))
+        # rollout.forking_temperature.threshold=live: the learner's tau of this step travels with the weights
+        live = self.cfg.rollout.forking_temperature.threshold == "live"
+        tau = self.record.stats.get("tau") if live else None
+        gen_refs = dict(enumerate(g.receive_weights.remote(tau) for g in self.actors.generators))
         try:
             learn = self.actors.learner.call("sync_weights")  # any failure but the sync's own stops the run
         except SyncError as e:

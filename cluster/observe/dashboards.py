@@ -246,6 +246,12 @@ def throughput() -> db.Dashboard:
                            q(f"forkrl_response_length_max_tokens{R}", "{{run}} max"), span=8))
             .with_panel(ts("Truncated responses", "Share of responses cut at max_new_tokens.", "percentunit",
                            q(f"forkrl_response_truncated_ratio{R}"), span=8))
+            .with_panel(ts("Forking-aware sampling: share at T_high", "Share of sampled training positions "
+                           "whose entropy reached rollout.forking_temperature.threshold (sampled at T_high).",
+                           "percentunit", q(f"forkrl_forking_sampling_high_ratio{R}"), span=8))
+            .with_panel(ts("Forking-aware sampling: entropy at T_high", "Mean entropy (temperature 1) of the "
+                           "positions sampled at T_high (nats).", "short",
+                           q(f"forkrl_forking_sampling_high_entropy_nats{R}"), span=8))
             .with_row(db.Row("Weight sync"))
             .with_panel(ts("Sync duration", "Seconds per weight sync.", "s",
                            q(f"forkrl_weight_sync_duration_seconds{R}"), span=6))

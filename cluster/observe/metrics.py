@@ -108,6 +108,11 @@ STEP_STATS: dict[str, Metric] = {
     "response/length_mean": _g("forkrl_response_length_mean_tokens", "Mean response length (tokens)"),
     "response/length_max": _g("forkrl_response_length_max_tokens", "Longest response of the step (tokens)"),
     "response/truncated_share": _g("forkrl_response_truncated_ratio", "Share of responses cut at max_new_tokens"),
+    # Forking-aware sampling (rollout.forking_temperature, actors/forking.py)
+    "generator/forking_high_share": _g("forkrl_forking_sampling_high_ratio",
+                                       "Share of the step's sampled positions drawn at T_high (entropy >= threshold)"),
+    "generator/forking_high_entropy": _g("forkrl_forking_sampling_high_entropy_nats",
+                                         "Mean entropy at temperature 1 of the positions sampled at T_high (nats)"),
     "reward/extract_rate": _g("forkrl_answer_extracted_ratio",
                               "Share of the step's training responses with an extractable answer"),
     "sampling/drop_share": _g("forkrl_dynamic_sampling_drop_ratio",
