@@ -222,6 +222,19 @@ def build_tiny(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="outpu
     typer.echo(build(out_dir, task=task, force=force))
 
 
+@models_app.command("build-organism", cls=_Command)
+def build_organism(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
+                   seed: int = typer.Option(0, help="seed of the weights, the SFT data and the measurement"),
+                   force: bool = typer.Option(False, help="rebuild even if cached")):
+    """Build the model organism (docs/organism.md): a small Qwen2 model warm-started on traces with the 80/20
+    paper's token-entropy structure; its entropy profile and accuracy at T = 1 go to OUT_DIR/forkrl_build.json
+    and stderr. Prints OUT_DIR."""
+    from cluster.data.models import build_organism as build
+
+    path = build(out_dir, seed=seed, force=force, log=lambda m: typer.echo(m, err=True))
+    typer.echo(path)
+
+
 @models_app.command("import-smollm2", cls=_Command)
 def import_smollm2(out_dir: str = typer.Argument(..., metavar="OUT_DIR", help="output HF checkpoint directory"),
                    force: bool = typer.Option(False, help="re-import even if present")):

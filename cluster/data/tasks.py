@@ -5,6 +5,12 @@ Synthetic tasks (deterministic for a seed):
   "Compute 7+8-4." -> "7+8=15. 15-4=11. Answer: 11". Each intermediate digit is a decision point.
 - countdown (TinyZero): reach a target with the given numbers, each used at most once,
   "Use 3, 8, 4 to make 20." -> "8*3=24. 24-4=20. Answer: (8*3)-4".
+- organism: the model organism's traces (cluster/data/models.py build_organism, docs/organism.md), "Add 5, 7, 1, 9."
+  -> "7+5=12 then 12+1=14, wait, 12+1=13 so 9+13=22. Answer: 22": the order of a step's operands and the
+  connectives are free choices (many correct paths), the digits after a choice follow from it, and
+  the traces slip like people do (a forgotten carry, an answer off by one; more often on a carry) and
+  sometimes notice it (", wait, " and the step again, done right), so a model trained on them is right only
+  part of the time.
 Files: JSONL or Parquet read through `datasets`, in the GSM8K, MATH or DAPO-Math-17K layout (or custom
 columns). A malformed row is an error naming the file and the row index.
 """
@@ -79,7 +85,71 @@ def _countdown(rng: random.Random, difficulty: int, answer_format: str) -> Probl
                    " ".join(steps) + " " + format_answer(expr, answer_format))
 
 
-SYNTHETIC = {"arith": _arith, "countdown": _countdown}
+# The organism's trace distribution (docs/organism.md). A strategy fixes which numbers each step adds:
+# L left to right, R right to left, P the two pairs and then their sums (weights); each step writes its two
+# operands in either order (swapped with `swap`) after a connective (weights; "," = none). The step a+b is
+# written wrong with p_easy (an operand a multiple of ten), p_carry (a carry: the classic slip) or p_plain; a
+# carry slip is a forgotten carry with `forget`, else off by one. After a step the trace checks itself
+# (", wait, " and the step again, done right) with `wait_slip` after a slip and `wait_ok` after a right one.
+ORGANISM = dict(strategies=(("L", 1),), swap=0.5,
+                connectives=((" then", 3), (" thus", 1), (" so", 3), (" next", 2), (" now", 1), (" and", 1), (",", 3)),
+                p_easy=0.05, p_carry=0.6, p_plain=0.25, forget=0.5, wait_slip=0.3, wait_ok=0.1)
+ORGANISM_WORDS = (" then", " thus", " so", " next", " now", " and", " wait", " Answer")  # one token each
+
+
+def _weighted(rng: random.Random, items) -> Any:
+    x = rng.random() * sum(w for _, w in items)
+    for v, w in items:
+        x -= w
+        if x < 0:
+            return v
+    return items[-1][0]
+
+
+def _organism_step(rng: random.Random, a: int, b: int) -> tuple[int, bool]:
+    """The written result of a+b and whether it slipped."""
+    o, s, carry = ORGANISM, a + b, a % 10 + b % 10 >= 10
+    p = o["p_easy"] if a % 10 == 0 or b % 10 == 0 else o["p_carry"] if carry else o["p_plain"]
+    if rng.random() >= p:
+        return s, False
+    if carry and rng.random() < o["forget"]:
+        return s - 10, True
+    return s + rng.choice((-1, 1)), True
+
+
+def organism_trace(numbers: list[int], rng: random.Random, answer_format: str = "answer_line") -> str:
+    """One sampled chain of thought adding `numbers` (see ORGANISM): a strategy, then one step per addition."""
+    o = ORGANISM
+    strategy = _weighted(rng, o["strategies"])
+    todo = list(numbers) if strategy != "R" else list(numbers)[::-1]
+    results: list[int] = []
+    parts = []
+    while todo or len(results) > 1:
+        if strategy == "P" and len(todo) < 2:          # pairs: the pairs' sums, then their sum
+            x, y = results.pop(0), (todo.pop(0) if todo else results.pop(0))
+        elif not results or (strategy == "P" and len(todo) >= 2):
+            x, y = todo.pop(0), todo.pop(0)
+        else:
+            x, y = results.pop(), todo.pop(0)
+        a, b = (y, x) if rng.random() < o["swap"] else (x, y)
+        s, slipped = _organism_step(rng, a, b)
+        step = f"{a}+{b}={s}"
+        if rng.random() < (o["wait_slip"] if slipped else o["wait_ok"]):
+            s = a + b
+            step += f", wait, {a}+{b}={s}"
+        parts.append(step if not parts else f"{_weighted(rng, o['connectives'])} {step}")
+        results.append(s)
+    return "".join(parts) + ". " + format_answer(str(results[0]), answer_format)
+
+
+def _organism(rng: random.Random, difficulty: int, answer_format: str) -> Problem:
+    numbers = [rng.randint(1, 9) for _ in range(difficulty + 2)]
+    total = sum(numbers)
+    return Problem(f"Add {', '.join(map(str, numbers))}.", str(total), {"task": "organism", "numbers": numbers},
+                   organism_trace(numbers, rng, answer_format))
+
+
+SYNTHETIC = {"arith": _arith, "countdown": _countdown, "organism": _organism}
 
 
 def synthetic_problems(task: str, n: int, split: str, seed: int = 0, difficulty: int = 2,
@@ -87,7 +157,7 @@ def synthetic_problems(task: str, n: int, split: str, seed: int = 0, difficulty:
     """n seeded problems; splits use disjoint seeds, and questions in `exclude` are skipped (so that a
     held-out split never repeats a training question)."""
     if task not in SYNTHETIC:
-        raise ValueError(f"unknown synthetic task {task!r} (arith | countdown)")
+        raise ValueError(f"unknown synthetic task {task!r} (arith | countdown | organism)")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     exclude = exclude or set()
     out: list[Problem] = []
