@@ -41,7 +41,7 @@ run: setup
 	$(BIN)/forkrl train
 
 test: setup debian
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # The long chaos soak (issue 21, item 7; cluster/tools/soak.py): a seeded run of the tiny model with faults at
 # random times, resumed when one stops it; rewrites the soak table of docs/reliability.md from its figures.

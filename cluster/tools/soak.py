@@ -11,8 +11,9 @@ The ones in STOPS end the process (exit 3, or a dead driver) and the harness res
 The checks (`check`): no group trained twice across every segment of the run; every trained group was
 generated; every pushed group was trained or counted as dropped (stale / malformed), groups lost = 0;
 weights versions strictly increase within each segment and a resumed segment starts at its checkpoint's
-version; the run finished every step with the final checkpoint at the last step. The final weights are
-not compared with a second run resumed from the same checkpoint (see `check`).
+version; the run finished every step with the final checkpoint at the last step; and the final weights
+equal those of a clean run resumed from the first checkpoint after the last fault (`verify_resume`; the soak
+samples with rollout.seeded, so both continuations draw the same responses).
 
 The subprocess helpers (`Run`, `rows`, `total`, `ledger_checks`) are the fault tests' too (tests/faults)."""
 
@@ -187,6 +188,7 @@ class Soak:
     faults: list[Fault] = field(default_factory=list)
     seen: dict = field(default_factory=dict)        # (segment, step) -> monotonic time its trained event was read
     runs: list[Run] = field(default_factory=list)
+    verify: bool = True       # compare the final weights with a clean resume (verify_resume)
     strangers: int = 0
     queue_trained: set = field(default_factory=set)  # the run's trained set on the server, read at each stop
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -195,7 +197,8 @@ class Soak:
         return [f"model.path={self.model}", f"run.steps={self.steps}", "run.eval_every=0",
                 "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=32",
                 "reward.dynamic_sampling=false", "data.train_size=64", "queue.reconnect_s=3",
-                "checkpoint.every=2", "cluster.max_recoveries=1000", "rollout.num_generators=2",
+                "checkpoint.every=2", f"checkpoint.keep_last={self.steps // 2 + 1}", "rollout.seeded=true",
+                "cluster.max_recoveries=1000", "rollout.num_generators=2",
                 "cluster.num_cpus=4", f"run.seed={self.seed}", f"run.output_dir={self.out / 'runs'}", *self.extra]
 
     def _poll(self) -> None:
@@ -325,6 +328,7 @@ class Soak:
             if rc != 0:
                 raise RunFailed(f"the last segment exited {rc}:\n{last.log()[-5000:]}")
             self._poll()
+            resumed = self.verify_resume(server) if self.verify else {}
         finally:
             stop.set()
             watcher.join()
@@ -332,17 +336,52 @@ class Soak:
                 r.kill()
             server.stop()
         figures = self.check()
+        figures.update(resumed)
         figures["wall_s"] = round(time.monotonic() - t0, 1)
         return figures
+
+    def verify_resume(self, server) -> dict:
+        """The final weights against a clean run resumed from the same checkpoint: a copy of the run directory
+        cut back to the first checkpoint after the last fault (every fault lands in the first 2/3 of the
+        run), resumed with `--resume` on an emptied queue server, to the last step. With rollout.seeded the
+        two continuations sample the same responses, so their final weights must be equal (the figure is
+        the largest absolute difference of any parameter, and the step resumed from)."""
+        last = max((f.step for f in self.faults), default=0)
+        have = sorted(int(p.name[5:]) for p in (self.run_dir / "checkpoints").iterdir()
+                      if p.name.startswith("step-") and p.name[5:].isdigit() and (p / "run_state.json").is_file())
+        start = next((c for c in have if c >= last + 2 and c < self.steps), None)
+        if start is None:
+            raise RunFailed(f"no checkpoint between the last fault (step {last}) and the end: {have}")
+        copy = self.out / "resumed" / self.run_dir.name
+        shutil.rmtree(copy.parent, ignore_errors=True)
+        shutil.copytree(self.run_dir, copy, ignore=lambda d, names: [
+            n for n in names if Path(d).name == "checkpoints" and n.startswith("step-") and n[5:].isdigit()
+            and int(n[5:]) != start] + (["report"] if Path(d) == self.run_dir else []))
+        server.kill()   # the same address (the run's config names it), an empty server: a clean restart
+        for x in server.data_dir.iterdir():
+            if x.name.endswith(".aof") or x.name == "appendonlydir":
+                shutil.rmtree(x) if x.is_dir() else x.unlink()
+        server.start()
+        self.say(f"soak: resuming a copy of the run from step {start} with no faults")
+        run = Run(self.out / "resumed", "--resume", str(copy), env={"FORKRL_REDIS_PASSWORD": server.password})
+        try:   # not in self.runs: the ledger watcher times the soak's own steps only
+            rc = run.wait(1800)
+        finally:
+            run.kill()
+        if rc != 0:
+            raise RunFailed(f"the clean resume exited {rc}:\n{run.log()[-5000:]}")
+        a, b = (final_weights(d / "checkpoints" / f"step-{self.steps:06d}") for d in (self.run_dir, copy))
+        assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys())[:5])
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a else 0.0
+        return {"resumed_from_step": start, "resumed_max_abs_diff": diff}
 
     def check(self) -> dict:
         """The ledger's proof. A pushed group that a process trained after the last ledger line it wrote
         (the driver killed between the update and its `trained` line) is found in the queue's trained set,
         read when the process stopped (`trained_unlogged`); its update is rolled back with the rest of that
-        process's steps after its last checkpoint. The final weights are not compared with a second run
-        resumed from the same checkpoint (a second run, and whether generation is bit-reproducible across
-        a resume is unverified); the weaker property checked: the run ends at version `steps`, its last
-        checkpoint is that step, and each segment's versions only move forward from its checkpoint's."""
+        process's steps after its last checkpoint. The run ends at version `steps`, its last checkpoint is
+        that step, and each segment's versions only move forward from its checkpoint's (the final weights
+        are compared with a clean resume by `verify_resume`)."""
         evs = events(self.run_dir)
         ledger_checks(evs)
         segs: list[list[dict]] = []
@@ -406,6 +445,18 @@ class Soak:
                 "dropped_malformed": malformed, "groups_lost": len(lost) - min(len(lost), stale)}
 
 
+def final_weights(ckpt: Path) -> dict:
+    """The fp32 parameters of a checkpoint (DeepSpeed's own consolidation, as `forkrl export`)."""
+    import contextlib
+
+    from cluster.driver.export import TAG
+
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG).items()}
+
+
 def _parts(train: list[dict]) -> list[list[dict]]:
     """Metric rows split where a step number goes back (a resume): counters restart with each process."""
     parts: list[list[dict]] = [[]]
@@ -430,7 +481,10 @@ def table(fig: dict, cmd: str) -> str:
              f"in the queue's trained set), "
              f"{fig['dropped_stale']} dropped stale, {fig['dropped_malformed']} malformed entries dropped, "
              f"**groups lost: {fig['groups_lost']}**; versions never went backwards within a segment; the "
-             f"run ended at version {fig['steps']}. The driver's recovery events: {rec}.", "",
+             f"run ended at version {fig['steps']}. The driver's recovery events: {rec}. "
+             + (f"Final weights against a clean run resumed from step {fig['resumed_from_step']} (no faults, "
+                f"rollout.seeded): largest parameter difference {fig['resumed_max_abs_diff']:.3g}."
+                if "resumed_from_step" in fig else ""), "",
              "| fault | injected | time lost per fault (mean, s) |", "|---|---|---|"]
     for k, n in fig["faults_by_kind"].items():
         lines.append(f"| {DESCRIBE[k]} | {n} | {fig['lost_s_by_kind'][k]} |")

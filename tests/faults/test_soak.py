@@ -19,5 +19,6 @@ def test_short_soak(tiny_model_dir, tmp_path):
     assert fig["faults_by_kind"] == {k: 1 for k in sorted(SHORT)}
     assert fig["groups_lost"] == 0 and fig["resumes"] == 1 and fig["dropped_malformed"] >= 1
     assert fig["groups_trained"] >= 24 * 4 - 4   # a driver kill may lose one step's unpushed generation
+    assert fig["resumed_max_abs_diff"] == 0.0, fig   # a clean resume from the same checkpoint: the same weights
     rec = fig["recoveries"]
     assert rec.get("generators_replaced", 0) >= 1 and rec.get("queue_lost", 0) >= 1, rec

@@ -115,6 +115,25 @@ def test_rollouts_carry_groups_logprobs_finish_reasons_and_version(engine, promp
     assert all("-eval" in r.group_id for r in evals)
 
 
+def test_seeded_training_samples_depend_on_the_prompt_draw_only(ray_session, tiny_model_dir, prompts):
+    """rollout.seeded: a training request's samples are a function of (run seed, prompt, draw): not of the
+    batch it is in, the order of calls or the engine's own RNG (what a resume or a replaced generator needs)."""
+    import dataclasses
+
+    gen = generator_actor("s0", tiny_model_dir, ROLLOUT.model_copy(update={"seeded": True}), seed=7,
+                          eval_seed=0, max_model_len=256)
+    try:
+        drawn = [dataclasses.replace(p, draw=10 + i) for i, p in enumerate(prompts[:3])]
+        whole = ray.get(gen.generate.remote(drawn))
+        parts = ray.get(gen.generate.remote(drawn[2:])) + ray.get(gen.generate.remote(drawn[:2]))
+        redrawn = ray.get(gen.generate.remote([dataclasses.replace(p, draw=p.draw + 100) for p in drawn]))
+    finally:
+        ray.kill(gen)
+    tokens = lambda rs: {r.prompt_id: [x.token_ids.tolist() for x in r.responses] for r in rs}
+    assert tokens(whole) == tokens(parts)
+    assert tokens(whole) != tokens(redrawn)   # another draw of the same prompt samples afresh
+
+
 @pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.5, 0.8)])
 def test_sampling_logprobs_are_those_of_the_processed_distribution(engine, prompts, trained, temperature, top_p):
     s = Sampling(n=4, temperature=temperature, top_p=top_p, max_new_tokens=24)
