@@ -50,6 +50,7 @@ def step_stats(run: str, step: int) -> dict[str, float]:
         "queue/undelivered": 4, "queue/produced": 8, "queue/consumed": 8, "queue/dropped_stale": 1,
         "queue/staleness/0": 5, "queue/staleness/1": 3, "queue/staleness/3": 1,
         "generator/tokens_per_s": 12000, "learner/tokens_per_s": 8000,
+        "generator/forking_high_share": 0.2, "generator/forking_high_entropy": 1.1,
         "sync/duration_s": 0.05, "sync/bytes": 1.6e6, "sync/failures": 1 if run == "collapsing" and step == 5 else 0,
         "time/step_s": 0.25, "time/generate_s": 0.1, "time/grade_s": 0.02, "time/queue_s": 0.01,
         "time/train_s": 0.1, "time/sync_s": 0.02,
