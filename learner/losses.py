@@ -28,6 +28,11 @@ scale_wrt_gas=True, divides the loss by gradient_accumulation_steps. To keep the
 then differ between ranks and steps), or multiply by deepspeed_loss_scale(world_size, gas) with the
 default scaling.
 
+Two entropy-shaped variants (docs/algorithms.md 9.1-9.2): with `entropy_window` w > 1 the micro-scope mask
+ranks tokens by `masks.window_entropy` (the mini/global masks arrive precomputed the same way), and with
+`entropy_adv_alpha` > 0 every valid token's advantage becomes A + min(alpha * H.detach(), |A| / kappa)
+before the policy loss (Cheng et al. 2506.14758); part["sum/adv_entropy_shaping"] sums the added term.
+
 The policy loss (`AlgorithmConfig.policy_loss`: ppo, clip_cov, kl_cov) comes from the registry of
 `learner.policy_losses` (per-token values; the forking mask, the aggregation, the KL and entropy terms
 are the same for all of them, here in `micro_batch_loss`). Its statistics come from `loss_statistics` as 0-d
