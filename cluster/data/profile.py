@@ -72,7 +72,7 @@ def entropy_profile(sampled: Sequence[Sampled], tokenizer, *, kinds: Callable[[l
     ents = np.concatenate([s.entropy for s in sampled]) if sampled else np.zeros(0)
     if ents.size == 0:
         raise ValueError("no tokens sampled")
-    p80 = float(np.percentile(ents, 80))
+    p80 = float(np.percentile(ents, 100 * (1 - TOP)))   # the top-20% threshold
     words = [[tokenizer.decode([t]) for t in s.ids] for s in sampled]
     top = [(r, k) for r, s in enumerate(sampled) for k in range(len(s.ids)) if s.entropy[k] >= p80]
     counts = Counter(words[r][k] for r, k in top)
