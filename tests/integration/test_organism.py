@@ -91,3 +91,20 @@ def test_grader_pays_every_correct_path():
     for t in traces:
         assert score_response(verifier, t, p.gold, p.meta)["correct"] == (t in right)
     assert sum(w for _, w in ORGANISM["strategies"]) > 0
+
+
+def test_the_shipped_build_is_the_current_spec_and_seeds_a_cache(tmp_path):
+    """cluster/data/builtin/organism is what the default build gives: a change to the organism's spec (traces,
+    words, architecture, SFT) must come with `forkrl models build-organism cluster/data/builtin/organism
+    --force`; a new cache is a copy of it, not 12 minutes of SFT."""
+    from safetensors.torch import load_file
+
+    from cluster.data.models import SHIPPED_ORGANISM, build_organism, organism_spec
+
+    shipped = json.loads((SHIPPED_ORGANISM / "forkrl_build.json").read_text())
+    assert shipped["spec"] == json.loads(json.dumps(organism_spec())), "the shipped organism is stale: rebuild it"
+    said = []
+    out = build_organism(tmp_path / "organism", log=said.append)
+    assert "shipped build" in said[0]
+    a, b = load_file(out / "model.safetensors"), load_file(SHIPPED_ORGANISM / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
