@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.e2e.test_train import ROOT, rows, run_train
+from tests.e2e.test_train import ROOT, rows
 
 KEYS = ("eval/accuracy_avg", "eval/accuracy_pass", "eval/length_mean", "eval/problems")
 
@@ -18,10 +18,8 @@ def forkrl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_eval_of_a_checkpoint_is_the_runs_evaluation(tmp_path, tiny_model_dir):
-    run_dir, _, _ = run_train(tmp_path / "runs", f"model.path={tiny_model_dir}", "run.steps=2", "run.eval_every=1",
-                              "run.seed=3", "checkpoint.every=1", "rollout.prompts_per_step=4", "rollout.group_size=4",
-                              "rollout.eval_samples=3", "data.train_size=16", "data.eval_size=8")
+def test_eval_of_a_checkpoint_is_the_runs_evaluation(tmp_path, tiny_model_dir, short_run):
+    run_dir = short_run(2)   # seed 3, an evaluation at steps 0, 1, 2 (8 problems x 3 samples), no save_hf
     in_run = {int(r["step"]): r for r in rows(run_dir) if "eval/accuracy_avg" in r}
     assert sorted(in_run) == [0, 1, 2]
 

@@ -9,14 +9,17 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_train(out: Path, *overrides: str, timeout: float = 900) -> tuple[Path, str, str]:
-    """Run `forkrl train` in a subprocess; scrape /metrics while it runs. Returns (run dir, log, scrape)."""
+def run_train(out: Path, *overrides: str, timeout: float = 900,
+              probe: Callable[[int], None] | None = None) -> tuple[Path, str, str]:
+    """Run `forkrl train` in a subprocess; scrape /metrics while it runs; `probe(pid)` is called every 0.2 s from
+    the first trained step to the end. Returns (run dir, log, scrape)."""
     cmd = [sys.executable, "-m", "cluster.cli", "train", f"run.output_dir={out}", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -34,15 +37,23 @@ def run_train(out: Path, *overrides: str, timeout: float = 900) -> tuple[Path, s
                         pass
             time.sleep(0.5)
 
-    t = threading.Thread(target=scrape, daemon=True)
-    t.start()
+    def watch() -> None:
+        while proc.poll() is None:
+            if any(sum(1 for _ in f.open()) >= 2 for f in out.glob("*/metrics.jsonl")):   # step 0 eval + a step
+                probe(proc.pid)
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in ([scrape, watch] if probe else [scrape])]
+    for t in threads:
+        t.start()
     try:
         log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         log, _ = proc.communicate()
         pytest.fail(f"forkrl train did not finish in {timeout} s:\n{log[-5000:]}")
-    t.join(timeout=5)
+    for t in threads:
+        t.join(timeout=5)
     assert proc.returncode == 0, log[-5000:]
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == 1, runs
@@ -87,9 +98,16 @@ def test_sync_run_flows_and_improves(tmp_path, tiny_model_dir):
 
 
 def test_async_run_overlaps_and_bounds_staleness(tmp_path, tiny_model_dir):
+    """Also the live run of tests/integration/test_local_bind.py: two learner ranks, and every listening socket
+    of the run's process tree sampled while it trains must be on loopback."""
+    from tests.integration.test_local_bind import check_loopback_only, listeners
+
+    seen: set = set()
     run_dir, log, _ = run_train(tmp_path, f"model.path={tiny_model_dir}", "run.steps=5", "run.eval_every=0",
                                 "run.max_staleness=1", "algorithm.top_entropy_ratio=0.2",
-                                "reward.max_gen_batches=4", "rollout.prompts_per_step=8")
+                                "reward.max_gen_batches=4", "rollout.prompts_per_step=8", "learner.num_ranks=2",
+                                "cluster.num_cpus=3", probe=lambda pid: seen.update(listeners(pid)))
+    check_loopback_only(seen, run_dir, log)
     train = [r for r in rows(run_dir) if "time/step_s" in r]
     assert [int(r["learner/version"]) for r in train] == [1, 2, 3, 4, 5]
     # DAPO refill: a step trains on prompts_per_step groups with signal, or hit its bound and said so

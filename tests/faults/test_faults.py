@@ -146,8 +146,10 @@ def test_generator_grader_sync_and_queue_faults(start_run, tiny_model_dir, tmp_p
     assert "Started a local Ray instance" in log and "View the dashboard" not in log   # no Ray dashboard
 
 
-def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path):
-    """kill -9 of a generator in the middle of a weight sync, with the learner's broadcast in flight.
+@pytest.mark.parametrize("tp", [1, 2])
+def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path, tp):
+    """kill -9 of a generator in the middle of a weight sync, with the learner's broadcast in flight (two
+    generators with one vLLM worker each; one generator with tensor parallelism 2, a worker of which stalls).
 
     The kill lands there by construction, not by timing: the test hook FORKRL_FAULT_STALL_SYNC stops the
     first vLLM worker that receives version 2 right after its first bucket was handed to the reload (layers
@@ -155,12 +157,16 @@ def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path):
     its receive ring fills, so the learner's gloo broadcast cannot complete (gloo sends a bucket only to a
     receiver that posted its receive). The test kills that pid when the file appears and then checks the
     kill was mid-sync: step 2 had trained, its sync had not finished (no metrics row for step 2 yet), and the
-    learner's own broadcast of version 2 is what failed (SyncError), not a later step's sampling."""
+    learner's own broadcast of version 2 is what failed (SyncError), not a later step's sampling. With TP = 2
+    the stalled process is a worker of the generator actor (its TP workers die with it)."""
+    import psutil
+
     steps, at = 4, 2
     marker = tmp_path / "stalled-mid-sync"
+    n_gen = 2 if tp == 1 else 1
     run = start_run(*common(tiny_model_dir, steps), f"run.output_dir={tmp_path / 'runs'}",
-                    "rollout.num_generators=2", "cluster.num_cpus=4", "sync.timeout_s=10",
-                    "sync.bucket_mb=0.0625", "sync.receive_buffers=3",
+                    f"rollout.num_generators={n_gen}", f"rollout.tensor_parallel_size={tp}", "cluster.num_cpus=4",
+                    "sync.timeout_s=10", "sync.bucket_mb=0.0625", "sync.receive_buffers=3",
                     env={"FORKRL_FAULT_STALL_SYNC": f"{at}:{marker}"})
     deadline = time.monotonic() + 400
     while not marker.is_file() or not marker.read_text().strip():
@@ -169,11 +175,15 @@ def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path):
     pid = int(marker.read_text())
     run_dir = run.run_dir
     before = run.pids()["generators"]
-    assert pid in before, (pid, before)   # the stalled worker is a generator actor (TP = 1: in-process engine)
+    proc = psutil.Process(pid)   # TP = 1: the actor itself (in-process engine); TP = 2: one of its workers
+    while proc is not None and proc.pid not in before:
+        proc = proc.parent()
+    assert proc is not None and (tp == 1) == (proc.pid == pid), (pid, before)
+    killed = before.index(proc.pid)
     events = run.events()
     assert [e["step"] for e in events if e["event"] == "trained"] == [1, 2]   # step 2 trained ...
     assert not any(r.get("step") == at and "time/step_s" in r for r in rows(run_dir))   # ... its sync not done
-    os.kill(pid, signal.SIGKILL)
+    os.kill(before[killed], signal.SIGKILL)
     assert run.wait() == 0, run.log()[-5000:]
 
     events, train = run.events(), [r for r in rows(run_dir) if "time/step_s" in r]
@@ -189,19 +199,24 @@ def test_generator_killed_mid_sync(start_run, tiny_model_dir, tmp_path):
     failed = faults["sync_failed"]
     assert [e["step"] for e in failed] == [at], faults
     assert failed[0]["detail"].startswith(f"weight sync to version {at} failed: SyncError"), failed
-    killed = before.index(pid)
     replaced = [e for e in faults["generators_replaced"] if e["step"] == at]
     assert any(e["detail"].startswith(f"generator {killed}:") for e in replaced), faults
     after = run.pids()["generators"]
-    assert pid not in after and after[killed] != before[killed]
+    assert after[killed] != before[killed]
+    try:   # the stalled process is gone (a TP worker dies with its actor)
+        assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
+    assert all(r["learner/logprob_mismatch_max"] < 1e-3 for r in train)   # the replacement holds version 2
     assert train[at - 1]["sync/failures"] >= 1 and train[at - 1]["learner/version"] == at
     assert all(r["generator/staleness_at_sample"] == 0 for r in train)   # step 3 sampled with version 2
     assert set(faults) == {"sync_failed", "generators_replaced"}, faults
     record("generator killed mid-sync", "test hook stops a vLLM worker after the first bucket of the sync to "
            "version 2 (64 KiB buckets, a 3-bucket receive ring: the learner's broadcast stays in flight); "
-           "SIGKILL of that generator", "the learner's broadcast fails with a SyncError; the killed generator "
-           "(and any left half-reloaded) is replaced, the group rebuilt and version 2 pushed; steps 3-4 sample "
-           "version 2, 3; every group trained once", "test_generator_killed_mid_sync")
+           "SIGKILL of that generator (tensor parallelism 1 and 2)",
+           "the learner's broadcast fails with a SyncError; the killed generator (and any left half-reloaded) is "
+           "replaced, the group rebuilt and version 2 pushed; steps 3-4 sample version 2, 3; every group trained "
+           "once", "test_generator_killed_mid_sync")
 
 
 def test_run_directory_config_holds_no_password():
@@ -294,7 +309,7 @@ def test_hung_generator_stops_the_run_through_the_watchdog(start_run, tiny_model
     """A generator stopped by the kernel (SIGSTOP) is alive and never answers: no deadline of the system
     covers a generate call (and the sync's is set beyond the test). The watchdog stops the run."""
     run = start_run(*common(tiny_model_dir, 50), f"run.output_dir={tmp_path / 'runs'}",
-                    "cluster.watchdog_multiple=3", "cluster.watchdog_floor_s=60", "sync.timeout_s=900")
+                    "cluster.watchdog_multiple=3", "cluster.watchdog_floor_s=30", "sync.timeout_s=900")
     run.wait_for("trained", 3)
     deadline = time.monotonic() + 120
     while not any(r.get("step") == 3 and "time/step_s" in r for r in rows(run.run_dir)):   # step 3 synced
