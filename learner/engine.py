@@ -180,8 +180,9 @@ def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, in
     timeout = timedelta(seconds=cfg.queue.read_timeout_s + 120)
     # the default group on a store whose listener binds MASTER_ADDR only (DeepSpeed then takes the group as
     # it is: "the user initialized torch.dist themselves"); env:// would listen on every interface
-    dist.init_process_group(backend, store=rendezvous_store(master[0], master[1], rank, world, timeout),
-                            rank=rank, world_size=world, timeout=timeout)
+    if not dist.is_initialized():   # idempotent, as deepspeed.init_distributed is: a process may set up again
+        dist.init_process_group(backend, store=rendezvous_store(master[0], master[1], rank, world, timeout),
+                                rank=rank, world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     # LOCAL_SIZE=1 keeps DeepSpeed's CPU shared-memory all-reduce (an inference path) off when
     # world > 1; a 1-rank group still maps a 69 MB /dev/shm segment that no other process opens and

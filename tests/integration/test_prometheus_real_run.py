@@ -35,7 +35,8 @@ def scraped(tmp_path_factory, tiny_model_dir):
         cmd = [sys.executable, "-m", "cluster.cli", "train", f"model.path={tiny_model_dir}", f"run.name={RUN}",
                f"run.output_dir={tmp / 'runs'}", f"metrics.port={metrics_port}", "run.steps=8", "run.eval_every=2",
                "run.max_staleness=1", "algorithm.top_entropy_ratio=0.2", "algorithm.policy_loss=clip_cov",
-               "rollout.prompts_per_step=8", "data.eval_size=16", "checkpoint.every=0"]
+               "rollout.prompts_per_step=8", "data.eval_size=16", "checkpoint.every=0",
+               "rollout.forking_temperature.high=1.2"]   # forking-aware sampling: its panels have data too
         run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
         (run_dir,) = [d for d in (tmp / "runs").iterdir() if d.is_dir()]
