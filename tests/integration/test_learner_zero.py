@@ -435,10 +435,17 @@ def test_matches_single_process_reference(runs, untrained_tiny_model_dir, stage)
     steps = results[0]["steps"]
     assert all(set(s) == {"learner/groups", "learner/responses", "learner/tokens", "time/prep_s", "time/train_s"}
                for s in results[1]["steps"])
+    # the same reference on two float32 paths (each loss sum in either order): the computation's own noise
+    f32 = [reference(untrained_tiny_model_dir, cfg, make_groups(), check_ties=False, dtype=torch.float32, order=o)
+           for o in (1, -1)]
     for step, (got, want) in enumerate(zip(steps, records)):
         assert got["learner/step_updates"] == len(want["loss"])
-        assert got["loss"] == pytest.approx(np.mean(want["loss"]), rel=2e-4, abs=1e-6), step
-        assert got["learner/grad_norm"] == pytest.approx(np.mean(want["grad_norm"]), rel=2e-4), step
+        # bound: 2e-4 relative, or 8x the float32 paths' own distance from float64 where that is larger (it
+        # is on some vector ISAs: ATEN_CPU_CAPABILITY=default measured 4.7e-4 on step 2 of ZeRO-2)
+        for key, k32 in (("loss", "loss"), ("learner/grad_norm", "grad_norm")):
+            noise = max(abs(np.mean(r[0][step][k32]) - np.mean(want[k32])) for r in f32)
+            tol = max(2e-4 * abs(np.mean(want[k32])), 8 * noise, 1e-6)
+            assert abs(got[key] - np.mean(want[k32])) <= tol, (step, key, got[key], np.mean(want[k32]), tol)
         assert got["selected"] == want["selected"], step
         assert got["tokens"] == sum(s["learner/tokens"] for s in (steps[step], results[1]["steps"][step])) \
             * cfg.learner.epochs
@@ -457,8 +464,7 @@ def test_matches_single_process_reference(runs, untrained_tiny_model_dir, stage)
     # comparable distance; a wrong mask, loss or gradient lands at a multiple of `moved`. Measured on an
     # AVX-512 box: ratio 0.6 (ZeRO-2), 3.6 (ZeRO-3; 2.6 with eager token statistics; about 1 with either
     # the KL term or the entropy bonus off), 0.3 (on-policy).
-    noise = max(distance(reference(untrained_tiny_model_dir, cfg, make_groups(), check_ties=False,
-                                   dtype=torch.float32, order=o)[1]) for o in (1, -1))
+    noise = max(distance(r[1]) for r in f32)
     print(f"stage {stage}: err {err:.3g}, float32 noise {noise:.3g}, ratio {err / noise:.2f}, moved {moved:.3g}")
     assert moved > 100 * cfg.learner.lr   # Adam moves every element by ~lr per update
     assert err < 8 * noise, (err, noise, moved)
