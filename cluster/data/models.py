@@ -76,6 +76,20 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+def _save_build(model, tok, out: Path, info: dict) -> None:
+    """Write a built model, its tokenizer, generation config and manifest, then publish it as `out`."""
+    from transformers import GenerationConfig
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.pad_token_id).save_pretrained(tmp)
+    (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
+    _publish(tmp, out)
+
+
 def tiny_tokenizer(words: tuple[str, ...] = ()):
     """Byte-level tokenizer: one token per byte plus the chat special tokens (259 ids) and, for each of
     `words` (a space and letters, e.g. " then"), the merges that make it one token (and its prefixes).
@@ -195,7 +209,7 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
 def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sft_steps: int | None = None,
                seed: int = 0, log=print) -> Path:
     """Build (or reuse) the tiny warm-started model in `out_dir`; returns the directory."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir).resolve()
     steps = TINY_SFT["steps"] if sft_steps is None else sft_steps
@@ -220,16 +234,9 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
             acc = sampled_accuracy(model, tok, task, seed=seed) if steps else 0.0
         finally:
             torch.set_num_threads(threads)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.pad_token_id).save_pretrained(tmp)
         info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "sft_updates": done,
                 "sampled_accuracy_t1": acc, "build_seconds": round(time.time() - t0, 1)}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
-        _publish(tmp, out)
+        _save_build(model, tok, out, info)
         log(f"tiny model: {info['params']} parameters, sampled accuracy {acc:.2f}, "
             f"{info['build_seconds']} s -> {out}")
     return out
@@ -258,7 +265,7 @@ def build_organism(out_dir: str | Path, force: bool = False, sft_steps: int | No
     with the organism's connectives as word tokens, SFT for ORGANISM_SFT["steps"] updates on the `organism`
     task's traces; the manifest records its sampled accuracy and entropy profile at T = 1 (128 held-out
     problems, one sample each). Returns the directory."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from cluster.config import DataConfig
     from cluster.data.profile import entropy_profile, organism_kinds, sample_entropies
@@ -296,17 +303,10 @@ def build_organism(out_dir: str | Path, force: bool = False, sft_steps: int | No
             profile = entropy_profile(sample_entropies(model, tok, held, cfg, seed=seed), tok, kinds=organism_kinds)
         finally:
             torch.set_num_threads(threads)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.pad_token_id).save_pretrained(tmp)
         info = {"spec": spec, "params": sum(p.numel() for p in model.parameters()), "sft_updates": done,
                 "sampled_accuracy_t1": profile["accuracy"], "entropy_profile_t1": profile,
                 "sft_seconds": round(sft_seconds, 1), "build_seconds": round(time.time() - t0, 1)}
-        (tmp / MANIFEST).write_text(json.dumps(info, indent=1))
-        _publish(tmp, out)
+        _save_build(model, tok, out, info)
         log(f"model organism: {info['params']} parameters, sampled accuracy {profile['accuracy']:.2f}, "
             f"{profile['low_share']:.1%} of tokens below 0.01 nats, p80 {profile['p80']:.3f} nats, "
             f"{info['build_seconds']} s -> {out}")
