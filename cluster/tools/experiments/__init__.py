@@ -10,16 +10,20 @@ An experiment is a YAML file in configs/experiments/NAME.yaml:
     seeds: [0, 1, 2]                             every arm runs every seed with the same budget
     budget: {run.steps: 24, run.eval_every: 6}
     smoke: {seeds: [0], arms: [names], overrides: {...}}   the test suite's few-step version
+    claims: [{claim, paper, metric, arm, base, expect}]   the paper's findings to test: `metric` is a column
+                                                 header of the analysis's table, expect higher | lower | equal
 
 Train experiments run every (arm, seed) with `cluster.driver.loops.train` in this process, all sharing one Ray
-session (start-up per run is the actors only), then aggregate each run's metrics.jsonl into tables (mean ±
-std across seeds) and PNG curves (seed mean with a ±1 std band), and write NAME.md into the output
-directory (docs/results by default; a temporary directory in smoke mode so tests never touch the tree) and
-regenerate the index results.md there. A run that fails is recorded with its error in the results file;
-the others still count.
+session (start-up per run is the actors only), then aggregate each run's metrics.jsonl into tables (the seed
+mean [its 95% confidence interval]) and PNG curves (seed mean with its 95% CI as a band), compare arms with the
+paired (same seeds) or Welch t-test, judge each claim (`stats.verdict`), and write NAME.md and
+NAME.claims.json into the output directory (docs/results by default; a temporary directory in smoke mode so
+tests never touch the tree) and regenerate the index results.md there. A run that fails is recorded with its
+error in the results file; the others still count.
 
-Modules: `spec` (the file), `runs` (training every run), `tables` (numbers, tables, curves, readings),
-`analyses` (compare, collapse, ttrl), `entropy_patterns`; the documents are written here.
+Modules: `spec` (the file), `runs` (training every run), `stats` (confidence intervals, t-tests, effect size,
+verdicts), `tables` (numbers, tables, curves, readings), `analyses` (compare, collapse, ttrl, claims),
+`entropy_patterns`; the documents are written here.
 """
 
 from __future__ import annotations
@@ -31,11 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.tools.experiments.analyses import ANALYSE
+from cluster.tools.experiments.analyses import ANALYSE, cell, check_claims, measurement
 from cluster.tools.experiments.entropy_patterns import entropy_patterns
 from cluster.tools.experiments.runs import existing_runs, train_all
 from cluster.tools.experiments.spec import RESULTS_DIR, ROOT, SPEC_DIR, Spec, load_spec
-from cluster.tools.experiments.tables import runs_table
+from cluster.tools.experiments.tables import fmt_p, runs_table
 
 
 def run_experiment(name: str, smoke: bool = False, out_dir: str | Path | None = None,
@@ -52,6 +56,7 @@ def run_experiment(name: str, smoke: bool = False, out_dir: str | Path | None = 
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = load_spec(name, smoke=smoke, spec_dir=Path(spec_dir))
+    check_claims(spec)
     if out_dir is None:
         out_dir = Path(tempfile.mkdtemp(prefix=f"forkrl-{name}-")) if smoke else RESULTS_DIR
     out = Path(out_dir)
@@ -99,13 +104,29 @@ def _document(spec: Spec, smoke: bool, wall: float, body: str, summary: str, reu
 
 
 def write_index(out: Path) -> Path:
-    """results.md: one line per experiment document in `out`, from its **Summary:** line."""
+    """results.md: one table of every claim judged in `out` (its NAME.claims.json files), then one line per
+    experiment document in `out`, from its **Summary:** line."""
     lines = ["# Reproduction results", "",
              "Small-scale reproductions of the papers' findings on this CPU box; each line links to the full "
              "results (setup, tables, plots, the paper's figure, a reading). Regenerate one with "
              "`forkrl experiment NAME`.", ""]
     in_docs = out.resolve() == RESULTS_DIR.resolve()
     index = out.parent / "results.md" if in_docs else out / "results.md"
+    claims = []
+    for path in sorted(out.glob("*.claims.json")):
+        judged = json.loads(path.read_text())
+        claims += [(judged["experiment"], judged["document"], c) for c in judged["claims"]]
+    if claims:
+        lines += ["## The papers' claims, tested", "",
+                  "forkrl: the difference of seed means (arm minus base) [95% CI] and the two-sided p of the paired "
+                  "(same seeds) or Welch t-test; the verdict rule is in each experiment's Claims section.", "",
+                  "| claim | paper | forkrl | verdict | experiment |", "|---|---|---|---|---|"]
+        for name, doc, c in claims:
+            link = f"{out.name}/{doc}" if in_docs else doc
+            lines.append(f"| {cell(c['claim'])} | {cell(c['paper'])} | {c['metric']}, {measurement(c)}, "
+                         f"{c['test']} {fmt_p(c['p'])} | {c['verdict']} | [{name}]({link}#claims) |")
+        lines += [""]
+    lines += ["## Experiments", ""]
     for doc in sorted(out.glob("*.md")):
         if doc.resolve() == index.resolve():
             continue

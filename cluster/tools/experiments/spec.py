@@ -25,6 +25,21 @@ class Arm:
     overrides: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A paper's finding stated as a comparison of two arms on one metric (`stats.verdict` judges it)."""
+    claim: str    # the finding in words
+    paper: str    # the paper's number or sentence
+    metric: str   # a column header of the analysis's metric table, e.g. "final eval acc"
+    arm: str
+    base: str
+    expect: str   # higher | lower | equal: arm against base
+
+
+CLAIM_KEYS = tuple(Claim.__dataclass_fields__)
+EXPECT = ("higher", "lower", "equal")
+
+
 @dataclass
 class Spec:
     name: str
@@ -38,6 +53,7 @@ class Spec:
     seeds: list[int]
     budget: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
+    claims: list[Claim] = field(default_factory=list)
 
     def overrides(self, arm: Arm, seed: int) -> list[str]:
         """`key=value` strings for `load_config` / `forkrl train` (JSON values are valid YAML scalars)."""
@@ -58,6 +74,29 @@ def _mapping(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
+def _claims(raw: Any, arms: list[str], path: Path) -> list[Claim]:
+    if not isinstance(raw, list):
+        raise ExperimentError(f"{path}: claims must be a list of mappings with keys {list(CLAIM_KEYS)}")
+    out = []
+    for i, c in enumerate(raw):
+        where = f"{path}: claims[{i}]"
+        if not isinstance(c, dict):
+            raise ExperimentError(f"{where} must be a mapping with keys {list(CLAIM_KEYS)}")
+        if missing := [k for k in CLAIM_KEYS if k not in c]:
+            raise ExperimentError(f"{where}: missing keys {missing}")
+        if extra := sorted(set(c) - set(CLAIM_KEYS)):
+            raise ExperimentError(f"{where}: unknown keys {extra} (allowed: {list(CLAIM_KEYS)})")
+        for k in ("arm", "base"):
+            if c[k] not in arms:
+                raise ExperimentError(f"{where}.{k}: {c[k]!r} is not an arm of this experiment (arms: {arms})")
+        if c["arm"] == c["base"]:
+            raise ExperimentError(f"{where}: arm and base are both {c['arm']!r}")
+        if c["expect"] not in EXPECT:
+            raise ExperimentError(f"{where}.expect must be one of {EXPECT}, got {c['expect']!r}")
+        out.append(Claim(**{k: str(c[k]).strip() for k in CLAIM_KEYS}))
+    return out
+
+
 def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec:
     """Read and validate configs/experiments/NAME.yaml (smoke: its `smoke:` block applied)."""
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -70,7 +109,7 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: top level must be a mapping")
     known_keys = {"title", "paper", "context", "kind", "analysis", "base", "arms", "seeds", "budget", "smoke",
-                  "params"}
+                  "params", "claims"}
     if extra := set(raw) - known_keys:
         raise ExperimentError(f"{path}: unknown keys {sorted(extra)} (allowed: {sorted(known_keys)})")
     kind = raw.get("kind", "train")
@@ -93,7 +132,8 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
                 paper=str(raw.get("paper", "")).strip(), context=str(raw.get("context", "")).strip(),
                 base=_mapping(raw.get("base"), f"{path}: base"), arms=arms, seeds=seeds,
                 budget=_mapping(raw.get("budget"), f"{path}: budget"),
-                params=_mapping(raw.get("params"), f"{path}: params"))
+                params=_mapping(raw.get("params"), f"{path}: params"),
+                claims=_claims(raw.get("claims") or [], [a.name for a in arms], path))
     if not smoke and kind == "train" and len(arms) > 1 and len(seeds) < 3:
         raise ExperimentError(f"{path}: arms are compared, so seeds needs at least 3 entries (got {seeds})")
     if smoke:
@@ -107,6 +147,8 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
             if missing := [a for a in sm["arms"] if a not in names]:
                 raise ExperimentError(f"{path}: smoke.arms names unknown arms {missing}")
             spec.arms = [a for a in arms if a.name in sm["arms"]]
+            # a claim about an arm the smoke run leaves out is not evaluated there
+            spec.claims = [c for c in spec.claims if {c.arm, c.base} <= set(sm["arms"])]
         spec.budget = {**spec.budget, **_mapping(sm.get("overrides"), f"{path}: smoke.overrides")}
         spec.params = {**spec.params, **_mapping(sm.get("params"), f"{path}: smoke.params")}
     if kind == "train":  # every run's config must be valid before the first one starts

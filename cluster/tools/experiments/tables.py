@@ -1,6 +1,6 @@
-"""From runs' metrics to numbers and words: per-run reductions (final, best, last_mean, first), mean ± std
-across seeds, the markdown tables, the seed-mean curves and the readings that compare arms against the seed
-spread."""
+"""From runs' metrics to numbers and words: per-run reductions (final, best, last_mean, first), the seed mean
+with its 95% CI, the markdown tables, the seed-mean curves and the readings that compare arms by a t-test over
+the seeds (cluster.tools.experiments.stats)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from cluster.observe.report import save_figure
 from cluster.tools.experiments.runs import RunResult
 from cluster.tools.experiments.spec import Spec
+from cluster.tools.experiments.stats import ALPHA, compare, mean_ci
 
 
 def train_rows(rows: list[dict]) -> list[dict]:
@@ -43,17 +44,22 @@ def first(rows: list[dict], key: str) -> float:
     return float(vals[0]) if vals else math.nan
 
 
-def mean_std(vals: list[float]) -> tuple[float, float, int]:
-    v = np.asarray([x for x in vals if math.isfinite(x)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan, 0
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+def fmt(m: float, digits: int = 3) -> str:
+    return f"{m:.{digits}f}" if math.isfinite(m) else "n/a"
 
 
-def fmt(m: float, s: float | None = None, digits: int = 3) -> str:
+def fmt_ci(ci: tuple[float, float, float, int], digits: int = 3) -> str:
+    """`mean_ci`'s (mean, low, high, n) as "mean [low, high]"; "mean (n=1)" where there is no interval."""
+    m, lo, hi, n = ci
     if not math.isfinite(m):
         return "n/a"
-    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if not math.isfinite(lo):
+        return f"{m:.{digits}f} (n={n})"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def fmt_p(p: float | None) -> str:
+    return "p n/a" if p is None or not math.isfinite(p) else "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
 def by_arm(spec: Spec, results: list[RunResult]) -> dict[str, list[RunResult]]:
@@ -61,20 +67,22 @@ def by_arm(spec: Spec, results: list[RunResult]) -> dict[str, list[RunResult]]:
 
 
 def metric_table(spec: Spec, results: list[RunResult], columns: list[tuple[str, Any]]) -> tuple[str, dict]:
-    """Markdown table, one row per arm, each cell mean ± std over the arm's successful seeds.
-    columns: (header, fn(rows) -> float). Returns (markdown, {arm: {header: (mean, std, n)}})."""
+    """Markdown table, one row per arm, each cell the mean [95% CI] over the arm's successful seeds.
+    columns: (header, fn(rows) -> float). Returns (markdown, {arm: {header: {seed: value}}}), the per-seed
+    values the readings and claims test."""
     by = by_arm(spec, results)
-    stats: dict[str, dict[str, tuple[float, float, int]]] = {}
+    values = {arm: {h: {r.seed: fn(r.rows) for r in rs} for h, fn in columns} for arm, rs in by.items()}
     lines = ["| arm | seeds | " + " | ".join(h for h, _ in columns) + " |",
              "|---|---:|" + "---:|" * len(columns)]
-    for arm, rs in by.items():
-        stats[arm] = {h: mean_std([fn(r.rows) for r in rs]) for h, fn in columns}
-        lines.append(f"| {arm} | {len(rs)} | " + " | ".join(fmt(m, s) for m, s, _ in stats[arm].values()) + " |")
-    return "\n".join(lines) + "\n", stats
+    for arm, cols in values.items():
+        lines.append(f"| {arm} | {len(by[arm])} | "
+                     + " | ".join(fmt_ci(mean_ci(v.values())) for v in cols.values()) + " |")
+    return "\n".join(lines) + "\n", values
 
 
 def curves_plot(path: Path, spec: Spec, results: list[RunResult], key: str, title: str, ylabel: str) -> bool:
-    """One curve per arm: the mean over seeds at each step where every seed has the key, ±1 std band."""
+    """One curve per arm: the mean over seeds at each step where every seed has the key, with the 95% CI of
+    that mean as a band (none for one seed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -90,9 +98,10 @@ def curves_plot(path: Path, spec: Spec, results: list[RunResult], key: str, titl
         if not steps:
             continue
         vals = np.array([[d[s] for s in steps] for d in per_seed])
-        m, s = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(steps))
+        m, lo, hi, _ = np.array([mean_ci(vals[:, j]) for j in range(len(steps))]).T
         line, = ax.plot(steps, m, marker="o" if len(steps) < 30 else None, ms=3, label=f"{arm} (n={len(vals)})")
-        ax.fill_between(steps, m - s, m + s, color=line.get_color(), alpha=0.18)
+        if len(vals) > 1:
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18)
         drawn = True
     if drawn:
         save_figure(fig, ax, path, title, "step", ylabel)
@@ -124,51 +133,49 @@ def runs_table(results: list[RunResult]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def diff_reading(stats: dict, arms: list[str], base: str, col: str, what: str) -> str:
-    """One sentence per arm comparing `col` with the base arm against the seed spread."""
+def diff_reading(values: dict, arms: list[str], base: str, col: str, what: str) -> str:
+    """One sentence per arm comparing `col` with the base arm: the difference, its 95% CI and the p-value of
+    the paired (same seeds) or Welch t-test (`stats.compare`)."""
     out = []
-    bm, bs, bn = stats[base][col]
+    b = mean_ci(values[base][col].values())
     for a in arms:
         if a == base:
             continue
-        m, s, n = stats[a][col]
-        if not (math.isfinite(m) and math.isfinite(bm)):
+        m = mean_ci(values[a][col].values())
+        if not (math.isfinite(m[0]) and math.isfinite(b[0])):
             out.append(f"{a}: no {what} to compare")
             continue
-        d = m - bm
-        se = math.sqrt(s ** 2 / n + bs ** 2 / bn) if min(n, bn) > 1 else math.nan
-        verdict = ("one seed: no spread to judge it against" if not math.isfinite(se)
-                   else "within the seed noise" if abs(d) < 2 * se
-                   else ("higher" if d > 0 else "lower") + " by more than two standard errors of the difference")
-        out.append(f"{a} {fmt(m, s)} vs {base} {fmt(bm, bs)} ({d:+.3f}, {verdict})")
+        c = compare(values[a][col], values[base][col])
+        verdict = ("fewer than two seeds in an arm: no test" if not math.isfinite(c.p)
+                   else f"{c.test} {fmt_p(c.p)}: " + ("no difference detected at p < 0.05" if c.p >= ALPHA
+                                                      else "higher" if c.diff > 0 else "lower"))
+        ci = f" [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]" if math.isfinite(c.ci[0]) else ""
+        out.append(f"{a} {fmt_ci(m)} vs {base} {fmt_ci(b)} ({c.diff:+.3f}{ci}, {verdict})")
     return "; ".join(out)
 
 
-def _separated(stats: dict, arm: str, base: str, col: str) -> int:
-    """+1 / -1 when arm's mean is above / below base's by more than two standard errors, else 0."""
-    (m, s, n), (bm, bs, bn) = stats[arm][col], stats[base][col]
-    if min(n, bn) < 2 or not (math.isfinite(m) and math.isfinite(bm)):
-        return 0
-    se = math.sqrt(s ** 2 / n + bs ** 2 / bn)
-    return 0 if abs(m - bm) <= 2 * se else (1 if m > bm else -1)
+def _separated(values: dict, arm: str, base: str, col: str) -> int:
+    """+1 / -1 when arm's mean is above / below base's at p < 0.05 (stats.compare), else 0."""
+    c = compare(values[arm][col], values[base][col])
+    return 0 if not c.p < ALPHA else (1 if c.diff > 0 else -1)
 
 
-def overall_verdict(stats: dict, gains: dict, arms: list[str], base: str) -> str:
-    """The overall outcome in words, from the same numbers."""
-    acc = {a: _separated(stats, a, base, "final eval acc") for a in arms if a != base}
-    ent = {a: _separated(stats, a, base, "final entropy (last 5)") for a in arms if a != base}
-    h0 = mean_std([stats[a]["initial entropy"][0] for a in arms])[0]
-    h1 = mean_std([stats[a]["final entropy (last 5)"][0] for a in arms])[0]
-    g = [gains[a][0] for a in arms if math.isfinite(gains[a][0])]
+def overall_verdict(values: dict, gains: dict, arms: list[str], base: str) -> str:
+    """The overall outcome in words, from the same numbers. gains: {arm: {seed: final - initial eval acc}}."""
+    acc = {a: _separated(values, a, base, "final eval acc") for a in arms if a != base}
+    ent = {a: _separated(values, a, base, "final entropy (last 5)") for a in arms if a != base}
+    h0 = mean_ci([mean_ci(values[a]["initial entropy"].values())[0] for a in arms])[0]
+    h1 = mean_ci([mean_ci(values[a]["final entropy (last 5)"].values())[0] for a in arms])[0]
+    g = [m for m in (mean_ci(gains[a].values())[0] for a in arms) if math.isfinite(m)]
     out = []
     if any(acc.values()):
-        out.append("Final eval accuracy separates from " + base + " for " + ", ".join(
+        out.append("Final eval accuracy differs from " + base + " at p < 0.05 for " + ", ".join(
             f"{a} ({'higher' if v > 0 else 'lower'})" for a, v in acc.items() if v) + ".")
     else:
-        out.append(f"No arm's final eval accuracy separates from {base} by more than two standard errors: at "
-                   f"this scale and budget the experiment cannot tell the arms apart on accuracy.")
+        out.append(f"No arm's final eval accuracy differs from {base} at p < 0.05 (paired or Welch t-test over "
+                   f"the seeds): at this scale and budget the experiment cannot tell the arms apart on accuracy.")
     if any(ent.values()):
-        out.append("Entropy separates for " + ", ".join(
+        out.append("Final entropy differs at p < 0.05 for " + ", ".join(
             f"{a} ({'higher' if v > 0 else 'lower'})" for a, v in ent.items() if v) + ".")
     out.append(f"Averaged over arms, the mean token entropy went from {fmt(h0)} to {fmt(h1)} nats over the run ("
                + ("no collapse within this budget" if h1 > 0.8 * h0 else "a fall" if h1 <= 0.8 * h0
