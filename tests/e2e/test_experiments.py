@@ -20,7 +20,7 @@ from cluster.tools.experiments.analyses import collapse_fit_run
 from cluster.tools.experiments.entropy_patterns import _sample_entropies
 from cluster.tools.experiments.spec import SPEC_DIR, ExperimentError, load_spec
 
-NAMES = ("entropy-patterns", "forking-tokens", "entropy-mechanism", "collapse-law", "label-free")
+NAMES = ("entropy-patterns", "forking-tokens", "entropy-mechanism", "collapse-law", "label-free", "entropy-decoding")
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +211,17 @@ def test_forking_tokens_smoke(tmp_path, ray_session, tiny_model_dir):
     run_experiment("forking-tokens", smoke=True, out_dir=again, runs_dir=out / "runs", reuse_runs=True)
     md2 = (again / "forking-tokens.md").read_text()
     assert table(md2, "| arm | seeds |") == table(md, "| arm | seeds |") and "regenerated" in md2
+
+
+def test_entropy_decoding_smoke_samples_hot_at_forking_positions(tmp_path, ray_session, tiny_model_dir):
+    out = tmp_path / "results"
+    run_experiment("entropy-decoding", smoke=True, out_dir=out)
+    md = check_document(out, "entropy-decoding")
+    res = {r["arm"]: r for r in table(md, "| arm | seeds |")}
+    assert list(res) == ["top20-forking-sampling"]
+    # the live threshold is the learner's top-20% tau: some positions, not all, were sampled at T_high
+    assert 0 < mean_of(res["top20-forking-sampling"]["T_high share (mean)"]) < 1
+    assert "## Discussion" not in md            # a person's reading of the full run, not of a smoke run
 
 
 def test_entropy_mechanism_smoke_kl_cov_acts(tmp_path, ray_session, tiny_model_dir):

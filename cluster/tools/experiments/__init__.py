@@ -3,6 +3,7 @@
 An experiment is a YAML file in configs/experiments/NAME.yaml:
 
     title, paper (the published figure, markdown), context (what differs from the paper)
+    discussion                                   optional: a person's reading of the results (why they differ)
     kind: train | entropy-patterns
     analysis: compare | collapse | ttrl          (train experiments)
     base: {dotted.key: value}                    overrides shared by every arm
@@ -100,7 +101,9 @@ def _document(spec: Spec, smoke: bool, wall: float, body: str, summary: str, reu
         lines += [spec.context, ""]
     if spec.paper:
         lines += ["## The paper's figure", "", spec.paper, ""]
-    return "\n".join(lines) + "\n" + body
+    discussion = ["## Discussion (written after reading the results)", "", spec.discussion, ""] \
+        if spec.discussion and not smoke else []
+    return "\n".join(lines) + "\n" + body + ("\n" + "\n".join(discussion) if discussion else "")
 
 
 def write_index(out: Path) -> Path:

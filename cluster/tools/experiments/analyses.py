@@ -35,10 +35,13 @@ COMPARE_COLUMNS = [
     ("final cov mean (last 5)", lambda r: last_mean(r, "cov/mean")),
     ("selected share", lambda r: last_mean(r, "selected_frac")),
     ("clip-cov / kl-cov tokens per step", lambda r: last_mean(r, "clip_cov/clipped", 1000)
-     + last_mean(r, "kl_cov/penalised", 1000))]
+     + last_mean(r, "kl_cov/penalised", 1000)),
+    # forking-aware sampling (docs/algorithms.md 9.3): the share of positions sampled at T_high, per step
+    ("T_high share (mean)", lambda r: _step_mean("generator/forking_high_share")(r))]
 
 
-def _vote_mean(key: str):
+def _step_mean(key: str):
+    """The mean of `key` over a run's training steps (NaN where the run never logged it)."""
     return lambda r: float(np.mean([x[key] for x in train_rows(r) if key in x] or [math.nan]))
 
 
@@ -46,8 +49,8 @@ TTRL_COLUMNS = [
     ("initial eval acc", lambda r: first(r, ACC)), ("final eval acc", lambda r: final(r, ACC)),
     ("best eval acc (step > 0)", lambda r: best(r, ACC)),
     ("train gold acc (last 5)", lambda r: last_mean(r, "reward/accuracy")),
-    ("TTRL label acc (mean)", _vote_mean("ttrl/label_accuracy")),
-    ("TTRL reward acc (mean)", _vote_mean("ttrl/reward_accuracy")),
+    ("TTRL label acc (mean)", _step_mean("ttrl/label_accuracy")),
+    ("TTRL reward acc (mean)", _step_mean("ttrl/reward_accuracy")),
     ("final entropy (last 5)", lambda r: last_mean(r, H))]
 METRICS = {"compare": [h for h, _ in COMPARE_COLUMNS], "ttrl": [h for h, _ in TTRL_COLUMNS], "collapse": []}
 CI_NOTE = ("Cells: the mean over seeds [its 95% Student-t confidence interval]; (n=1): one seed, no interval.")

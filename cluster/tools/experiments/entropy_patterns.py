@@ -129,10 +129,7 @@ def _entropy_patterns(spec: Spec, out: Path, p: dict[str, Any]) -> tuple[str, st
                      + ", ".join(f"`{w}` {c}" for w, c in forking.items()), "",
                      f"First sampled response: `{sample}`", ""]
         summary_parts.append(f"{label}: {low:.1%} of tokens below 0.01 nats, p80 {p80:.3f}")
-        shape = ("more concentrated than the paper's: almost every position is near-deterministic and the "
-                 "uncertainty sits on a few" if p80 < PAPER_P80 else
-                 "far flatter than the paper's: the model is uncertain at most positions, so there is no sparse "
-                 "set of forking tokens to find")
+        shape = _shape(low, p80)
         readings.append(f"{label}: {low:.1%} of the tokens below 0.01 nats and p80 {p80:.3f} nats against the "
                         f"paper's {PAPER_LOW_SHARE:.1%} and {PAPER_P80}, i.e. {shape}; the paper's forking words "
                         f"fill {sum(forking.values())} of its {int((ents >= p80).sum())} top-20% positions, whose "
@@ -156,3 +153,16 @@ def _entropy_patterns(spec: Spec, out: Path, p: dict[str, Any]) -> tuple[str, st
     summary = f"{spec.title}: " + ("; ".join(summary_parts) or "no model produced tokens") + \
         f" (paper: {PAPER_LOW_SHARE:.1%}, p80 {PAPER_P80})."
     return body, summary
+
+
+def _shape(low_share: float, p80: float) -> str:
+    """The profile against the paper's in words: close (low-entropy share within 0.35-0.65 and p80 within
+    0.3-1.2 nats, the organism's targets in docs/organism.md), more concentrated, or flatter."""
+    if 0.35 <= low_share <= 0.65 and 0.3 <= p80 <= 1.2:
+        return ("close to the paper's shape: about half the positions near-deterministic and a minority carrying "
+                "the uncertainty")
+    if p80 < PAPER_P80:
+        return ("more concentrated than the paper's: almost every position is near-deterministic and the "
+                "uncertainty sits on a few")
+    return ("far flatter than the paper's: the model is uncertain at most positions, so there is no sparse set of "
+            "forking tokens to find")

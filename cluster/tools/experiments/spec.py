@@ -54,6 +54,7 @@ class Spec:
     budget: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
     claims: list[Claim] = field(default_factory=list)
+    discussion: str = ""   # written by a person after reading the results: why a result differs from the paper
 
     def overrides(self, arm: Arm, seed: int) -> list[str]:
         """`key=value` strings for `load_config` / `forkrl train` (JSON values are valid YAML scalars)."""
@@ -109,7 +110,7 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
     if not isinstance(raw, dict):
         raise ExperimentError(f"{path}: top level must be a mapping")
     known_keys = {"title", "paper", "context", "kind", "analysis", "base", "arms", "seeds", "budget", "smoke",
-                  "params", "claims"}
+                  "params", "claims", "discussion"}
     if extra := set(raw) - known_keys:
         raise ExperimentError(f"{path}: unknown keys {sorted(extra)} (allowed: {sorted(known_keys)})")
     kind = raw.get("kind", "train")
@@ -130,6 +131,7 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
         raise ExperimentError(f"{path}: seeds must be a non-empty list of integers")
     spec = Spec(name=name, title=str(raw.get("title", name)), kind=kind, analysis=analysis,
                 paper=str(raw.get("paper", "")).strip(), context=str(raw.get("context", "")).strip(),
+                discussion=str(raw.get("discussion", "")).strip(),
                 base=_mapping(raw.get("base"), f"{path}: base"), arms=arms, seeds=seeds,
                 budget=_mapping(raw.get("budget"), f"{path}: budget"),
                 params=_mapping(raw.get("params"), f"{path}: params"),
