@@ -191,7 +191,7 @@ def eval_cmd(target: str = typer.Argument(..., metavar="MODEL_OR_RUN",
     (vLLM generator actors, the task's verifier): avg@k, pass@k, mean length, entropy.
 
     \b
-    Prints one JSON object per problem (prompt_id, gold, correct, lengths) and a
+    Prints one JSON object per problem (prompt_id, gold, correct, extracted, lengths) and a
     summary line ("summary": true, the eval/* keys of metrics.jsonl) on stdout,
     a progress bar and the Markdown table on stderr (or --out FILE).
     A run's checkpoint at step N with the run's seed gives the eval/* numbers

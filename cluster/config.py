@@ -84,6 +84,20 @@ class DataConfig(Section):
     """Render prompts with the tokenizer's chat template (instruct models); False sends raw text."""
     max_prompt_tokens: int = Field(256, ge=8)
     """Prompts longer than this (in tokens) are an error naming the row."""
+    few_shot: int = Field(0, ge=0)
+    """k worked examples shown before every problem (few-shot prompting: GPT-3, Brown et al. 2020; the
+    8-shot chain-of-thought GSM8K prompt of Wei et al. 2022; lm-eval-harness `num_fewshot`): with the chat
+    template as k earlier user/assistant turns, else as "Q: ... A: ..." text. The examples are the same for
+    every prompt and run, a synthetic task's own worked solutions drawn from a split of their own that train
+    and eval never contain (cluster/data/tasks.py few_shot_examples). They count towards
+    max_prompt_tokens. 0 = off; synthetic tasks only (file rows carry no worked solution)."""
+
+    @model_validator(mode="after")
+    def _few_shot_task(self) -> "DataConfig":
+        if self.few_shot and self.task == "file":
+            raise ValueError(f"data.few_shot={self.few_shot} needs a synthetic task (arith, countdown, organism): "
+                             "file rows carry no worked solution")
+        return self
 
 
 class ForkingTemperatureConfig(Section):

@@ -11,6 +11,8 @@ Synthetic tasks (deterministic for a seed):
   the traces slip like people do (a forgotten carry, an answer off by one; more often on a carry) and
   sometimes notice it (", wait, " and the step again, done right), so a model trained on them is right only
   part of the time.
+data.few_shot shows k of a task's worked solutions as earlier turns of every prompt (few_shot_examples: a split
+of their own, never a train or eval question), so that an instruct model answers in the task's format.
 Files: JSONL or Parquet read through `datasets`, in the GSM8K, MATH or DAPO-Math-17K layout (or custom
 columns). A malformed row is an error naming the file and the row index.
 """
@@ -18,6 +20,7 @@ columns). A malformed row is an error naming the file and the row index.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -29,8 +32,9 @@ import numpy as np
 from cluster.config import DataConfig
 from cluster.types import Prompt
 
-SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3, "sft-eval": 4}
+SPLIT_SEEDS = {"train": 1, "eval": 2, "sft": 3, "sft-eval": 4, "few-shot": 5}
 ARITH_MAX = 9   # operands 1..9: a tiny model learns the table partly within minutes; carries stay hard
+MAX_MISSES = 10_000   # consecutive draws that are all excluded: the task has no new problem left to draw
 
 
 @dataclass
@@ -160,12 +164,50 @@ def synthetic_problems(task: str, n: int, split: str, seed: int = 0, difficulty:
         raise ValueError(f"unknown synthetic task {task!r} (arith | countdown | organism)")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS[split])
     exclude = exclude or set()
+    return _draw(rng, task, n, difficulty, answer_format, lambda p: p.question not in exclude,
+                 f"{split} problems outside the {len(exclude)} excluded questions")
+
+
+def _draw(rng: random.Random, task: str, n: int, difficulty: int, answer_format: str, keep, what: str
+          ) -> list[Problem]:
+    """n problems of `task` that `keep` accepts; an error, not an endless loop, when none is left to draw
+    (arith at difficulty 1 has 126 distinct problems: 2000 training draws contain all of them)."""
     out: list[Problem] = []
+    misses = 0
     while len(out) < n:
         p = SYNTHETIC[task](rng, difficulty, answer_format)
-        if p.question not in exclude:
+        if keep(p):
             out.append(p)
+            misses = 0
+        elif (misses := misses + 1) >= MAX_MISSES:
+            raise DataError(f"{task} at data.difficulty={difficulty}: found {len(out)} of {n} {what} in "
+                            f"{MAX_MISSES} draws; the task has too few distinct problems for that (lower "
+                            f"data.train_size or data.few_shot, or raise data.difficulty)")
     return out
+
+
+@functools.lru_cache(maxsize=32)
+def _few_shot(task: str, k: int, difficulty: int, answer_format: str) -> tuple[Problem, ...]:
+    from reward.verifiers import TASK_VERIFIER, score_response
+
+    seen: set[str] = set()
+
+    def keep(p: Problem) -> bool:   # distinct, and a solution the task's own verifier pays (organism slips)
+        ok = p.question not in seen and score_response(TASK_VERIFIER[task], p.solution, p.gold, p.meta)["correct"]
+        seen.add(p.question)
+        return bool(ok)
+
+    return tuple(_draw(random.Random(SPLIT_SEEDS["few-shot"]), task, k, difficulty, answer_format, keep,
+                       "distinct few-shot examples with a correct solution"))
+
+
+def few_shot_examples(cfg: DataConfig) -> list[Problem]:
+    """The data.few_shot worked examples shown before every problem: the first k distinct problems of the
+    `few-shot` split (seed 0 whatever run.seed is, so the same for every prompt and run; k=2 is a prefix of
+    k=4) whose solution is right. load_problems keeps their questions out of train and eval."""
+    if not cfg.few_shot:
+        return []
+    return list(_few_shot(cfg.task, cfg.few_shot, cfg.difficulty, cfg.answer_format))
 
 
 def format_answer(answer: str, answer_format: str) -> str:
@@ -287,9 +329,11 @@ def _datasets_cache() -> Path:
 def load_problems(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem]]:
     """(train, eval) problems for the configured task."""
     if cfg.task in SYNTHETIC:
-        train = synthetic_problems(cfg.task, cfg.train_size, "train", seed, cfg.difficulty, cfg.answer_format)
+        shots = {p.question for p in few_shot_examples(cfg)}
+        train = synthetic_problems(cfg.task, cfg.train_size, "train", seed, cfg.difficulty, cfg.answer_format,
+                                   exclude=shots)
         held = synthetic_problems(cfg.task, cfg.eval_size, "eval", seed, cfg.difficulty, cfg.answer_format,
-                                  exclude={p.question for p in train})
+                                  exclude=shots | {p.question for p in train})
         return train, held
     train = file_problems(cfg.train_path, cfg)
     if cfg.eval_path:
@@ -304,11 +348,19 @@ def user_message(p: Problem, answer_format: str) -> str:
 
 
 def render_text(p: Problem, tokenizer, cfg: DataConfig) -> str:
+    """The prompt text of `p`: the data.few_shot examples (few_shot_examples) as earlier user/assistant turns
+    of the chat template, or as "Q: ... A: ..." text without one, then the problem."""
     content = user_message(p, cfg.answer_format)
+    shots = few_shot_examples(cfg)
     if cfg.chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+        turns = [m for e in shots for m in ({"role": "user", "content": user_message(e, cfg.answer_format)},
+                                            {"role": "assistant", "content": e.solution})]
+        return tokenizer.apply_chat_template([*turns, {"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    return content + "\n"
+    if not shots:
+        return content + "\n"
+    return "".join(f"Q: {user_message(e, cfg.answer_format)}\nA: {e.solution}\n\n" for e in shots) + \
+        f"Q: {content}\nA:"
 
 
 def render_prompts(problems: list[Problem], tokenizer, cfg: DataConfig, split: str) -> list[Prompt]:

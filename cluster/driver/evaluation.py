@@ -6,7 +6,8 @@ Both sample rollout.eval_samples (k) responses per held-out problem at rollout.e
 vLLM generator actors (Generator.evaluate), each problem seeded by `actors.generator.request_seed(seed,
 prompt_id)` (run.seed in a run), score them with the evaluation grader pool (`eval_graders`: the task's
 verifier, 1/0, no shaping) and report `stepstats.eval_stats`: eval/accuracy_avg (avg@k), eval/accuracy_pass
-(pass@k), eval/length_mean, eval/entropy_sampled (the mean -log p of the sampled tokens), eval/problems.
+(pass@k), eval/extracted (the share of responses with an extractable final answer), eval/length_mean,
+eval/entropy_sampled (the mean -log p of the sampled tokens), eval/problems.
 Since the seeds depend on the problem alone, `forkrl eval RUN --step N` samples what the run sampled at step N.
 """
 
@@ -25,7 +26,8 @@ from cluster.types import Prompt, Rollout
 
 log = logging.getLogger("forkrl")
 
-METRICS = {"eval/accuracy_avg": "avg@{k}", "eval/accuracy_pass": "pass@{k}", "eval/length_mean": "mean length",
+METRICS = {"eval/accuracy_avg": "avg@{k}", "eval/accuracy_pass": "pass@{k}", "eval/extracted": "answer extracted",
+           "eval/length_mean": "mean length",
            "eval/entropy_sampled": "entropy (nats/token)", "eval/problems": "problems"}
 
 
@@ -167,6 +169,7 @@ def eval_model(target: str, overrides: list[str], step: int | None = None, seed:
     for r, g in per:
         correct = [bool(x > 0.5) for x in g.components["correct"]]
         out.write(json.dumps({"prompt_id": r.prompt_id, "gold": r.gold, "correct": correct,
+                              "extracted": [a is not None for a in g.answers],
                               "lengths": [len(x.token_ids) for x in r.responses]}) + "\n")
     summary = {"summary": True, "model": target, "step": step, "seed": seed, "samples": k,
                "task": cfg.data.task, **stats}

@@ -79,6 +79,7 @@ def eval_stats(rollouts: list[Rollout], groups: list[ScoredGroup]) -> dict[str, 
         if lengths else np.zeros(0)
     return {"eval/accuracy_avg": float(np.mean(np.concatenate(correct))) if correct else 0.0,
             "eval/accuracy_pass": float(np.mean([c.any() for c in correct])) if correct else 0.0,
+            "eval/extracted": float(np.mean([a is not None for g in groups for a in g.answers])) if groups else 0.0,
             "eval/length_mean": float(np.mean(lengths)) if lengths else 0.0,
             "eval/entropy_sampled": float(neg_logp.mean()) if neg_logp.size else 0.0,
             "eval/problems": float(len(groups))}
