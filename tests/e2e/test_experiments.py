@@ -64,6 +64,13 @@ def check_document(out: Path, name: str) -> str:
     return md
 
 
+def smoke_results(out: Path, name: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """Run experiment NAME in smoke mode into `out`; its checked document and results table by arm."""
+    run_experiment(name, smoke=True, out_dir=out)
+    md = check_document(out, name)
+    return md, {r["arm"]: r for r in table(md, "| arm | seeds |")}
+
+
 # ------------------------------------------------------------------------------------------- specs
 
 def test_every_experiment_spec_is_valid_in_both_modes():
@@ -215,9 +222,7 @@ def test_forking_tokens_smoke(tmp_path, ray_session, tiny_model_dir):
 
 def test_entropy_decoding_smoke_samples_hot_at_forking_positions(tmp_path, ray_session, tiny_model_dir):
     out = tmp_path / "results"
-    run_experiment("entropy-decoding", smoke=True, out_dir=out)
-    md = check_document(out, "entropy-decoding")
-    res = {r["arm"]: r for r in table(md, "| arm | seeds |")}
+    md, res = smoke_results(out, "entropy-decoding")
     assert list(res) == ["top20-forking-sampling"]
     # the live threshold is the learner's top-20% tau: some positions, not all, were sampled at T_high
     assert 0 < mean_of(res["top20-forking-sampling"]["T_high share (mean)"]) < 1
@@ -226,9 +231,7 @@ def test_entropy_decoding_smoke_samples_hot_at_forking_positions(tmp_path, ray_s
 
 def test_entropy_mechanism_smoke_kl_cov_acts(tmp_path, ray_session, tiny_model_dir):
     out = tmp_path / "results"
-    run_experiment("entropy-mechanism", smoke=True, out_dir=out)
-    md = check_document(out, "entropy-mechanism")
-    res = {r["arm"]: r for r in table(md, "| arm | seeds |")}
+    md, res = smoke_results(out, "entropy-mechanism")
     assert list(res) == ["kl-cov"]
     # two updates per rollout: KL-Cov penalised some tokens at every step
     assert mean_of(res["kl-cov"]["clip-cov / kl-cov tokens per step"]) >= 1
@@ -249,9 +252,7 @@ def test_collapse_law_smoke(tmp_path, ray_session, tiny_model_dir):
 
 def test_label_free_smoke(tmp_path, ray_session, tiny_model_dir):
     out = tmp_path / "results"
-    run_experiment("label-free", smoke=True, out_dir=out)
-    md = check_document(out, "label-free")
-    res = {r["arm"]: r for r in table(md, "| arm | seeds |")}
+    md, res = smoke_results(out, "label-free")
     assert set(res) == {"gold", "ttrl"}
     assert res["gold"]["TTRL label acc (mean)"] == "n/a"       # the gold arm never votes
     for k in ("TTRL label acc (mean)", "TTRL reward acc (mean)"):

@@ -25,6 +25,11 @@ ACC = "eval/accuracy_avg"
 H = "entropy/policy"   # Cui et al. Eq. 5: per-response mean token entropy, then the mean over responses
 
 
+def _step_mean(key: str):
+    """The mean of `key` over a run's training steps (NaN where the run never logged it)."""
+    return lambda r: float(np.mean([x[key] for x in train_rows(r) if key in x] or [math.nan]))
+
+
 # the metric tables' columns: (header, fn(one run's metric rows) -> float); a claim's `metric` is a header
 COMPARE_COLUMNS = [
     ("initial eval acc", lambda r: first(r, ACC)), ("final eval acc", lambda r: final(r, ACC)),
@@ -37,12 +42,7 @@ COMPARE_COLUMNS = [
     ("clip-cov / kl-cov tokens per step", lambda r: last_mean(r, "clip_cov/clipped", 1000)
      + last_mean(r, "kl_cov/penalised", 1000)),
     # forking-aware sampling (docs/algorithms.md 9.3): the share of positions sampled at T_high, per step
-    ("T_high share (mean)", lambda r: _step_mean("generator/forking_high_share")(r))]
-
-
-def _step_mean(key: str):
-    """The mean of `key` over a run's training steps (NaN where the run never logged it)."""
-    return lambda r: float(np.mean([x[key] for x in train_rows(r) if key in x] or [math.nan]))
+    ("T_high share (mean)", _step_mean("generator/forking_high_share"))]
 
 
 TTRL_COLUMNS = [
