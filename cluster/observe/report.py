@@ -89,8 +89,9 @@ def _collapse_plot(path: Path, rows: list[dict]) -> str | None:
         grid = np.linspace(0, max(h.max() * 1.1, 1e-3), 100)
         ax.plot(grid, [fit.predict(float(x)) for x in grid], "r-", label=f"R = -{fit.a:.3f} e^H + {fit.b:.3f}")
         ax.axhline(fit.ceiling, color="gray", ls="--", label=f"ceiling b - a = {fit.ceiling:.3f}")
+        # the residual of a constant (the mean accuracy): what the law must beat to say anything
         note = f"a = {fit.a:.4f}, b = {fit.b:.4f}, predicted ceiling {fit.ceiling:.3f}, RMSE {fit.rmse:.4f} " \
-               f"over {fit.points} points"
+               f"over {fit.points} points (a constant accuracy: RMSE {float(np.std(acc)):.4f})"
     except ValueError as e:
         note = f"no fit: {e}"
     save_figure(fig, ax, path, "Entropy-performance trade-off", "policy entropy H (nats)", "eval accuracy R")
@@ -154,8 +155,17 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"| {int(s)} | {a:.3f} | {p:.3f} |" for s, a, p in ev]
         lines += ["", f"Eval accuracy went from {ev[0][1]:.3f} to {ev[-1][1]:.3f} "
                       f"({ev[-1][1] - ev[0][1]:+.3f}).", ""]
+    hs = [(r["step"], r["entropy/policy"]) for r in rows
+          if "time/step_s" in r and math.isfinite(r.get("entropy/policy", math.nan))]
+    if note or hs:
+        lines += ["## Entropy collapse", ""]
+    if hs:
+        (s0, h0), (s1, h1) = hs[0], hs[-1]
+        change = f" ({(h1 - h0) / h0:+.0%})" if h0 > 0 else ""
+        lines += [f"Policy entropy (Cui et al. Eq. 5) went from {h0:.3f} nats at step {int(s0)} to {h1:.3f} at step "
+                  f"{int(s1)}{change}.", ""]
     if note:
-        lines += ["## Entropy collapse", "", note, ""]
+        lines += [f"R = -a e^H + b fitted on the eval steps: {note}.", ""]
     train_rows = [r for r in rows if "time/step_s" in r]
     if train_rows:
         mean = {ph: float(np.mean([r.get(f"time/{ph}_s", 0.0) for r in train_rows])) for ph in PHASES}
