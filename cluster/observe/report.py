@@ -165,7 +165,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"Policy entropy (Cui et al. Eq. 5) went from {h0:.3f} nats at step {int(s0)} to {h1:.3f} at step "
                   f"{int(s1)}{change}.", ""]
     if note:
-        lines += [f"R = -a e^H + b fitted on the eval steps: {note}.", ""]
+        lines += [(note if note.startswith("no fit") else f"R = -a e^H + b fitted on the eval steps: {note}") + ".", ""]
     train_rows = [r for r in rows if "time/step_s" in r]
     if train_rows:
         mean = {ph: float(np.mean([r.get(f"time/{ph}_s", 0.0) for r in train_rows])) for ph in PHASES}
