@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -122,3 +123,59 @@ def test_one_seed_per_arm_is_inconclusive_not_an_error(tmp_path):
     c = json.loads((tmp_path / "x.claims.json").read_text())["claims"][0]
     assert c["p"] is None and c["ci"] == [None, None] and c["verdict"].startswith("inconclusive")
     assert math.isclose(c["diff"], 0.12) and "0.400 (n=1)" in body
+
+
+def write_collapse_spec(d: Path, claims) -> Path:
+    spec = {"kind": "train", "analysis": "collapse", "arms": [{"name": "grpo"}], "seeds": [0, 1, 2],
+            "budget": {"run.steps": 40, "run.eval_every": 2}, "smoke": {"seeds": [0]}, "claims": claims}
+    (d / "c.yaml").write_text(yaml.safe_dump(spec))
+    return d
+
+
+LAW = {"claim": "law beats a constant", "paper": "RMSE 0.9%", "metric": "prediction RMSE", "arm": "law",
+       "base": "constant", "expect": "lower"}
+
+
+def test_collapse_claims_compare_predictors_not_arms(tmp_path):
+    spec = load_spec("c", spec_dir=write_collapse_spec(tmp_path, [LAW]))
+    check_claims(spec)
+    assert load_spec("c", smoke=True, spec_dir=tmp_path).claims == spec.claims   # no arm to filter on
+    with pytest.raises(ExperimentError, match=r"claims\[0\]\.arm: 'grpo' is not a predictor of this experiment "
+                                              r"\(allowed: \['law', 'constant'\]\)"):
+        load_spec("c", spec_dir=write_collapse_spec(tmp_path, [{**LAW, "arm": "grpo"}]))
+    with pytest.raises(ExperimentError, match=r"claims\[0\]\.metric 'final eval acc' is not a column of the "
+                                              r"collapse analysis"):
+        check_claims(load_spec("c", spec_dir=write_collapse_spec(tmp_path, [{**LAW, "metric": "final eval acc"}])))
+
+
+def test_collapse_claims_are_judged_on_the_per_seed_errors(tmp_path):
+    """Runs whose accuracy follows R = -a e^H + b with noise: the law's held-out RMSE (recomputed here in
+    float64 from its own OLS fit on the early points) beats the constant's on every seed."""
+    from cluster.tools.experiments.analyses import analyse_collapse
+
+    spec = load_spec("c", spec_dir=write_collapse_spec(tmp_path, [LAW, {**LAW, "metric": "final error"}]))
+    results, expect = [], {}
+    for seed in spec.seeds:
+        rng = np.random.default_rng(seed)
+        rows = [{"step": 0, "eval/accuracy_avg": 0.3}]
+        for step in range(1, 41):
+            h = 0.32 * math.exp(-step / 25)
+            r = {"step": step, "entropy/policy": h}
+            if step % 2 == 0:
+                r["eval/accuracy_avg"] = -2.5 * math.exp(h) + 3.8 + 0.01 * rng.standard_normal()
+            rows.append(r)
+        results.append(RunResult("grpo", seed, None, rows, 1.0))
+        pts = [(r["entropy/policy"], r["eval/accuracy_avg"], r["step"]) for r in rows[1:] if "eval/accuracy_avg" in r]
+        fit = [p for p in pts if p[2] <= 6]
+        x, y = np.exp([p[0] for p in fit]), np.array([p[1] for p in fit])
+        slope, icpt = np.polyfit(x, y, 1)
+        rest = [p for p in pts if p[2] > 6]
+        expect[seed] = math.sqrt(np.mean([(slope * math.exp(h) + icpt - r) ** 2 for h, r, _ in rest]))
+    out = tmp_path / "out"
+    out.mkdir()
+    analyse_collapse(spec, results, out)
+    judged = json.loads((out / "c.claims.json").read_text())["claims"]
+    law = {int(k): v for k, v in judged[0]["per_seed"]["law"].items()}
+    # both sides are float64; only the OLS route differs (Welford co-moments against polyfit)
+    assert law == pytest.approx(expect, rel=1e-9, abs=1e-12)
+    assert [c["verdict"] for c in judged] == ["agrees", "agrees"]

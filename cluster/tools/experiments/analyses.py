@@ -1,7 +1,7 @@
 """The analyses of train experiments (spec `analysis:`): compare (arms on accuracy, entropy, covariance),
 collapse (the R = -a e^H + b law fitted early, judged on the later steps) and ttrl (label-free rewards).
-Each returns (markdown body, one-line summary). compare and ttrl also judge the spec's claims on their metric
-table (`claims_section`)."""
+Each returns (markdown body, one-line summary) and judges the spec's claims (`claims_section`): compare and
+ttrl on their metric tables, collapse on the held-out errors of the law and of a constant predictor."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from cluster.config import load_config
 from cluster.observe.report import save_figure
 from cluster.tools.experiments.runs import RunResult
-from cluster.tools.experiments.spec import ExperimentError, Spec
+from cluster.tools.experiments.spec import PREDICTORS, ExperimentError, Spec
 from cluster.tools.experiments.stats import compare, mean_ci, verdict
 from cluster.tools.experiments.tables import (best, by_arm, diff_reading, final, first, fmt, fmt_ci, fmt_p,
                                               last_mean, metric_table, overall_verdict, plot_section, train_rows)
@@ -52,7 +52,10 @@ TTRL_COLUMNS = [
     ("TTRL label acc (mean)", _step_mean("ttrl/label_accuracy")),
     ("TTRL reward acc (mean)", _step_mean("ttrl/reward_accuracy")),
     ("final entropy (last 5)", lambda r: last_mean(r, H))]
-METRICS = {"compare": [h for h, _ in COMPARE_COLUMNS], "ttrl": [h for h, _ in TTRL_COLUMNS], "collapse": []}
+# collapse: per seed, the held-out error of each predictor (spec.PREDICTORS: the law, the constant)
+COLLAPSE_METRICS = {"prediction RMSE": ("pred_rmse", "const_rmse"), "final error": ("final_error", "const_final")}
+METRICS = {"compare": [h for h, _ in COMPARE_COLUMNS], "ttrl": [h for h, _ in TTRL_COLUMNS],
+           "collapse": list(COLLAPSE_METRICS)}
 CI_NOTE = ("Cells: the mean over seeds [its 95% Student-t confidence interval]; (n=1): one seed, no interval.")
 
 
@@ -171,9 +174,9 @@ def collapse_fit_run(rows: list[dict], steps: int, share: float = 0.15) -> dict[
     out.update(a=f.a, b=f.b, ceiling=f.ceiling, fit_rmse=f.rmse)
     if rest:
         err = np.array([f.predict(h) - r for h, r, _ in rest])
+        const = np.array([r for _, r, _ in rest]) - np.mean([p[1] for p in fit_pts])
         out.update(pred_rmse=float(np.sqrt(np.mean(err ** 2))), final_error=float(abs(err[-1])),
-                   const_rmse=float(np.sqrt(np.mean((np.array([r for _, r, _ in rest])
-                                                     - np.mean([p[1] for p in fit_pts])) ** 2))))
+                   const_rmse=float(np.sqrt(np.mean(const ** 2))), const_final=float(abs(const[-1])))
     try:
         full = fit_collapse([p[0] for p in fit_pts + rest], [p[1] for p in fit_pts + rest])
         out.update(full_a=full.a, full_b=full.b, full_rmse=full.rmse)
@@ -192,13 +195,15 @@ def analyse_collapse(spec: Spec, results: list[RunResult], out: Path) -> tuple[s
     ok = [r for r in results if r.error is None]
     fits = {r.seed: collapse_fit_run(r.rows, steps, share) for r in ok}
     keys = ["fit_points", "test_points", "a", "b", "ceiling", "fit_rmse", "pred_rmse", "const_rmse", "final_error",
-            "full_rmse"]
+            "const_final", "full_rmse"]
     lines = ["| seed | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for seed, f in fits.items():
         lines.append(f"| {seed} | " + " | ".join(fmt(f.get(k, math.nan), digits=4) for k in keys) + " |")
     agg = {k: mean_ci([f.get(k, math.nan) for f in fits.values()]) for k in keys}
     lines.append("| mean [95% CI] | " + " | ".join(fmt_ci(agg[k], 4) for k in keys) + " |")
     errors = [f"seed {s}: {f['error']}" for s, f in fits.items() if "error" in f]
+    values = {p: {m: {s: f.get(k[i], math.nan) for s, f in fits.items()} for m, k in COLLAPSE_METRICS.items()}
+              for i, p in enumerate(PREDICTORS)}
 
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     for r in ok:
@@ -238,9 +243,10 @@ def analyse_collapse(spec: Spec, results: list[RunResult], out: Path) -> tuple[s
                       "a, b: coefficients of R = -a e^H + b (OLS on exp(H), cluster/observe/collapse.py); "
                       "ceiling = b - a; fit_rmse: residual on the fit points; pred_rmse: RMSE of the prediction on "
                       "the later eval points; const_rmse: the same for a constant equal to the mean accuracy of the "
-                      "fit points; final_error: |prediction - observed| at the last eval; full_rmse: residual of a "
-                      "fit on all points.", "", *(["Fit failures: " + "; ".join(errors), ""] if errors else []),
-                      "## Plots", "", f"![fit]({png})", "", plots,
+                      "fit points; final_error: |prediction - observed| at the last eval (const_final: the same for "
+                      "the constant); full_rmse: residual of a fit on all points.", "",
+                      *(["Fit failures: " + "; ".join(errors), ""] if errors else []),
+                      claims_section(spec, values, out) + "## Plots", "", f"![fit]({png})", "", plots,
                       "## Reading (computed from the numbers above)", "", reading, ""])
     return body, summary
 

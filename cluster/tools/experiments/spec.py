@@ -38,6 +38,9 @@ class Claim:
 
 CLAIM_KEYS = tuple(Claim.__dataclass_fields__)
 EXPECT = ("higher", "lower", "equal")
+# a collapse experiment's claims compare predictors of the held-out eval accuracy, not arms: the law fitted on
+# the early steps and a constant (the mean early accuracy)
+PREDICTORS = ("law", "constant")
 
 
 @dataclass
@@ -75,7 +78,7 @@ def _mapping(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def _claims(raw: Any, arms: list[str], path: Path) -> list[Claim]:
+def _claims(raw: Any, arms: list[str], path: Path, what: str = "an arm") -> list[Claim]:
     if not isinstance(raw, list):
         raise ExperimentError(f"{path}: claims must be a list of mappings with keys {list(CLAIM_KEYS)}")
     out = []
@@ -89,7 +92,7 @@ def _claims(raw: Any, arms: list[str], path: Path) -> list[Claim]:
             raise ExperimentError(f"{where}: unknown keys {extra} (allowed: {list(CLAIM_KEYS)})")
         for k in ("arm", "base"):
             if c[k] not in arms:
-                raise ExperimentError(f"{where}.{k}: {c[k]!r} is not an arm of this experiment (arms: {arms})")
+                raise ExperimentError(f"{where}.{k}: {c[k]!r} is not {what} of this experiment (allowed: {arms})")
         if c["arm"] == c["base"]:
             raise ExperimentError(f"{where}: arm and base are both {c['arm']!r}")
         if c["expect"] not in EXPECT:
@@ -135,7 +138,8 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
                 base=_mapping(raw.get("base"), f"{path}: base"), arms=arms, seeds=seeds,
                 budget=_mapping(raw.get("budget"), f"{path}: budget"),
                 params=_mapping(raw.get("params"), f"{path}: params"),
-                claims=_claims(raw.get("claims") or [], [a.name for a in arms], path))
+                claims=_claims(raw.get("claims") or [], list(PREDICTORS), path, "a predictor")
+                if analysis == "collapse" else _claims(raw.get("claims") or [], [a.name for a in arms], path))
     if not smoke and kind == "train" and len(arms) > 1 and len(seeds) < 3:
         raise ExperimentError(f"{path}: arms are compared, so seeds needs at least 3 entries (got {seeds})")
     if smoke:
@@ -150,7 +154,8 @@ def load_spec(name: str, smoke: bool = False, spec_dir: Path = SPEC_DIR) -> Spec
                 raise ExperimentError(f"{path}: smoke.arms names unknown arms {missing}")
             spec.arms = [a for a in arms if a.name in sm["arms"]]
             # a claim about an arm the smoke run leaves out is not evaluated there
-            spec.claims = [c for c in spec.claims if {c.arm, c.base} <= set(sm["arms"])]
+            if analysis != "collapse":
+                spec.claims = [c for c in spec.claims if {c.arm, c.base} <= set(sm["arms"])]
         spec.budget = {**spec.budget, **_mapping(sm.get("overrides"), f"{path}: smoke.overrides")}
         spec.params = {**spec.params, **_mapping(sm.get("params"), f"{path}: smoke.params")}
     if kind == "train":  # every run's config must be valid before the first one starts
