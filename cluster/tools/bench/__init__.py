@@ -15,6 +15,7 @@ BENCHES = {
     "weight-sync": "cluster.tools.bench.weight_sync",
     "e2e": "cluster.tools.bench.e2e",
     "learner-memory": "cluster.tools.bench.learner_memory",
+    "scaling": "cluster.tools.bench.scaling",
 }
 
 

@@ -39,10 +39,12 @@ TARGETS = {"smollm2": ">= 2.0", "tiny": "report"}
 COMMON = ["run.eval_every=0", "checkpoint.every=0", "reward.dynamic_sampling=false", "model.dtype=float32",
           f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
           f"rollout.max_new_tokens={NEW_TOKENS}", "learner.mini_batches=1", "learner.epochs=1"]
+SYNC_LOOP = ["run.max_staleness=0", "rollout.threads=2", "learner.threads=2"]   # vs_trl's forkrl side
 
 
-def _train(model: str, overrides: list[str], out: Path, pin: bool = False) -> list[dict]:
-    """Run `forkrl train` in a subprocess; returns the step rows of its metrics.jsonl."""
+def train_run(model: str, overrides: list[str], out: Path, pin: bool = False) -> list[dict]:
+    """Run `forkrl train` (COMMON, then `overrides`: a later key wins) in a subprocess; returns the step rows
+    of its metrics.jsonl. Also used by `forkrl bench scaling`."""
     cmd = [sys.executable, "-m", "cluster.cli", "train", f"model.path={model}", f"run.output_dir={out}",
            *COMMON, *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -94,8 +96,8 @@ def _mean(rows: list[dict], key: str) -> float:
 def async_overlap(model: str) -> Iterator[dict]:
     place = ["cluster.generator_cpus=1", "cluster.learner_cpus=1", "rollout.threads=1", "learner.threads=1"]
     with tempfile.TemporaryDirectory() as d:
-        a = _train(model, [*place, f"run.steps={STEPS['tiny']}", "run.max_staleness=1"], Path(d) / "a", pin=True)
-        s = _train(model, [*place, f"run.steps={STEPS['tiny']}", "run.max_staleness=0"], Path(d) / "s", pin=True)
+        a = train_run(model, [*place, f"run.steps={STEPS['tiny']}", "run.max_staleness=1"], Path(d) / "a", pin=True)
+        s = train_run(model, [*place, f"run.steps={STEPS['tiny']}", "run.max_staleness=0"], Path(d) / "s", pin=True)
     a, s = a[1:], s[1:]  # the first step is warm-up (and has no overlap in the async loop)
     step = _mean(a, "time/step_s")
     bound = float(np.mean([max(r["generator/seconds"], r["time/train_s"]) for r in a]))
@@ -149,8 +151,7 @@ def _trl_child(model: str, steps: int, out: str) -> None:
 
 def vs_trl(case: str, model: str) -> Iterator[dict]:
     with tempfile.TemporaryDirectory() as d:
-        rows = _train(model, [f"run.steps={STEPS[case]}", "run.max_staleness=0", "rollout.threads=2",
-                              "learner.threads=2"], Path(d) / "f")[1:]
+        rows = train_run(model, [f"run.steps={STEPS[case]}", *SYNC_LOOP], Path(d) / "f")[1:]
         out = Path(d) / "trl.json"
         subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(TRL_STEPS[case]), str(out)],
                        check=True)
