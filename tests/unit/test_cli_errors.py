@@ -1,6 +1,7 @@
 """User mistakes through the real `forkrl` CLI (a subprocess): one red line naming the field, path or choice, exit
 code 2, no traceback, no run directory left behind; `--debug` / FORKRL_DEBUG=1 still shows the traceback."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -28,14 +29,26 @@ def one_red_line(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in r.stderr, (n, r.stderr)
 
 
-@pytest.fixture()
-def run_dir(tmp_path) -> Path:
-    """A run directory as `forkrl train` writes it (config.yaml), from `forkrl check`'s own output."""
-    d = tmp_path / "runs" / "demo-20260101-000000"
-    d.mkdir(parents=True)
-    r = forkrl("check", f"run.output_dir={tmp_path / 'runs'}", "run.steps=4")
+@pytest.fixture(scope="module")
+def checked_config(tmp_path_factory) -> tuple[Path, str]:
+    """(output dir, `forkrl check run.output_dir=DIR run.steps=4`'s output): one CLI call for the module."""
+    runs = tmp_path_factory.mktemp("cli") / "runs"
+    r = forkrl("check", f"run.output_dir={runs}", "run.steps=4")
     assert r.returncode == 0, r.stderr
-    (d / "config.yaml").write_text(r.stdout)
+    return runs, r.stdout
+
+
+_run_ids = itertools.count()
+
+
+@pytest.fixture()
+def run_dir(checked_config) -> Path:
+    """A fresh run directory as `forkrl train` writes it (config.yaml), from `forkrl check`'s own output; each
+    test gets its own directory, under the run.output_dir that config names."""
+    runs, text = checked_config
+    d = runs / f"demo-20260101-{next(_run_ids):06d}"
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(text)
     return d
 
 
@@ -112,14 +125,15 @@ def test_debug_shows_the_traceback():
 
 
 def test_help_has_no_type_metavars_and_names_outputs():
-    for cmd in (["--help"], ["train", "--help"], ["check", "--help"], ["grade", "--help"], ["bench", "--help"],
-                ["experiment", "--help"], ["models", "build-tiny", "--help"], ["dashboards", "export", "--help"]):
-        out = forkrl(*cmd).stdout
+    helps = {}
+    for cmd in (("--help",), ("train", "--help"), ("check", "--help"), ("grade", "--help"), ("bench", "--help"),
+                ("experiment", "--help"), ("models", "build-tiny", "--help"), ("dashboards", "export", "--help")):
+        out = helps[cmd] = forkrl(*cmd).stdout
         assert "<bool>" not in out and "<list[str]>" not in out and "<str>" not in out.split("Arguments:")[-1].split("Options:")[0], (cmd, out)
-    train = forkrl("train", "--help").stdout
+    train = helps["train", "--help"]   # the same commands' output again, not two more processes
     for word in ("metrics.jsonl", "checkpoints/", "report.md", "trackers", "--resume"):
         assert word in train
-    assert "docs/results/NAME.md" in forkrl("experiment", "--help").stdout
+    assert "docs/results/NAME.md" in helps["experiment", "--help"]
 
 
 def test_export_mistakes(tmp_path, run_dir):
