@@ -114,6 +114,7 @@ def eval_model(target: str, overrides: list[str], step: int | None = None, seed:
     `evaluate` on rollout.num_generators vLLM generator actors; one JSON line per problem and a summary line
     on `out`; returns the summary. `batch` problems per generate call (0: one call per generator, as in a
     run); the seeds make the samples independent of it."""
+    cfg, ckpt, step = resolve_target(target, step, overrides)   # a user's mistake fails before the heavy imports
     import ray
     from tqdm import tqdm
     from transformers import AutoTokenizer
@@ -124,7 +125,6 @@ def eval_model(target: str, overrides: list[str], step: int | None = None, seed:
     from cluster.runtime import setup_env
     from cluster.split import split_even
 
-    cfg, ckpt, step = resolve_target(target, step, overrides)
     seed = cfg.run.seed if seed is None else seed
     setup_env()
     with model_dir(cfg, ckpt, Path(target).name if ckpt else None) as model:
