@@ -37,8 +37,9 @@ debian:
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends redis-server prometheus >/dev/null; }
 
+# The main job: the model organism under plain GRPO (docs/organism.md), a run whose entropy collapses.
 run: setup
-	$(BIN)/forkrl train
+	$(BIN)/forkrl train configs/organism.yaml
 
 test: setup debian
 	$(BIN)/python -m pytest -q --durations=30 tests
