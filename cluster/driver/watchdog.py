@@ -110,8 +110,11 @@ class Watchdog:
             pass
         _thread.interrupt_main()
         if not self._taken.wait(GRACE_S) and not self._stop.is_set():
+            # the main thread is blocked in a call that never returns to Python (e.g. a ray.get on the hung
+            # actor), so it cannot print the resume hint itself
             log.error("the driver's main thread did not stop within %.0f s of the interrupt: exiting with "
-                      "code %d", GRACE_S, EXIT_HUNG)
+                      "code %d\ncontinue it from its last checkpoint with: forkrl train --resume %s",
+                      GRACE_S, EXIT_HUNG, s.run_dir)
             logging.shutdown()
             os._exit(EXIT_HUNG)
 
