@@ -520,6 +520,10 @@ class ClusterConfig(Section):
     watchdog_floor_s: float = Field(900.0, gt=0)
     """The watchdog's limit is never below this (seconds), and is this alone until a step has completed (the
     first step compiles and warms up; an evaluation or checkpoint makes a step longer)."""
+    watchdog_grace_s: float = Field(120.0, gt=0)
+    """Once the watchdog fired, the driver's main thread has this long (seconds) to take its interrupt and stop
+    the run; a main thread blocked in a call that never returns to Python (a ray.get on the hung actor) is then
+    ended with os._exit(4), the resume command logged first (cluster/driver/watchdog.py)."""
 
 
 class CheckpointConfig(Section):

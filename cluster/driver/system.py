@@ -340,7 +340,7 @@ class System:
         from cluster.driver.watchdog import Watchdog
 
         c = self.cfg.cluster
-        self.watchdog = Watchdog(self, c.watchdog_multiple, c.watchdog_floor_s)
+        self.watchdog = Watchdog(self, c.watchdog_multiple, c.watchdog_floor_s, c.watchdog_grace_s)
         self.watchdog.start()
         return self.watchdog
 

@@ -12,7 +12,7 @@ every process's stack to RUN_DIR/hang-stacks.txt (the driver's threads from Pyth
 of the run, the queue server and the grader workers with py-spy, which comes with ray[default], run on the
 actor's own node), logs the step and the phase the driver was in, records a `hang` event in the ledger
 and interrupts the driver's main thread, which stops the run with exit code EXIT_HUNG (4). If the main
-thread does not take the interrupt within a grace period, the process exits with that code by itself.
+thread does not take the interrupt within cluster.watchdog_grace_s, the process exits with that code by itself.
 """
 
 from __future__ import annotations
@@ -39,15 +39,14 @@ log = logging.getLogger("forkrl")
 
 EXIT_HUNG = 4          # no step completed within the watchdog's limit: stacks in RUN_DIR/hang-stacks.txt
 STACKS = "hang-stacks.txt"
-GRACE_S = 120.0        # after the interrupt, the main thread has this long to take it before os._exit
 DUMP_TIMEOUT_S = 30.0  # per py-spy call
 
 
 class Watchdog:
     """Started by `System` when its loop starts; `beat()` at the end of every step, `stop()` at the end."""
 
-    def __init__(self, s: System, multiple: float, floor_s: float, poll_s: float = 1.0):
-        self.s, self.multiple, self.floor_s, self.poll_s = s, multiple, floor_s, poll_s
+    def __init__(self, s: System, multiple: float, floor_s: float, grace_s: float = 120.0, poll_s: float = 1.0):
+        self.s, self.multiple, self.floor_s, self.grace_s, self.poll_s = s, multiple, floor_s, grace_s, poll_s
         self.durations: list[float] = []
         self.last = time.monotonic()
         self.fired: str | None = None     # the error message, once it fired
@@ -109,12 +108,12 @@ class Watchdog:
         except Exception:  # noqa: BLE001
             pass
         _thread.interrupt_main()
-        if not self._taken.wait(GRACE_S) and not self._stop.is_set():
+        if not self._taken.wait(self.grace_s) and not self._stop.is_set():
             # the main thread is blocked in a call that never returns to Python (e.g. a ray.get on the hung
             # actor), so it cannot print the resume hint itself
             log.error("the driver's main thread did not stop within %.0f s of the interrupt: exiting with "
                       "code %d\ncontinue it from its last checkpoint with: forkrl train --resume %s",
-                      GRACE_S, EXIT_HUNG, s.run_dir)
+                      self.grace_s, EXIT_HUNG, s.run_dir)
             logging.shutdown()
             os._exit(EXIT_HUNG)
 

@@ -41,7 +41,9 @@ DeepSpeed build left (no process holds it) is removed rather than waited on fore
 No silent hang: when no step completes within max(`cluster.watchdog_floor_s`, `cluster.watchdog_multiple` x
 the median step time), the driver's watchdog writes every process's stack (py-spy, the driver's own threads)
 to `RUN_DIR/hang-stacks.txt`, logs the step and phase it was stuck in, records a `hang` event in the ledger
-and stops the run with exit code 4 (resume as above).
+and stops the run with exit code 4 (resume as above). A main thread blocked in a call that never returns to
+Python (a `ray.get` on the stopped actor) cannot take the interrupt: after `cluster.watchdog_grace_s` (120 s)
+the process logs the resume command and exits with code 4 by itself.
 
 | fault | how it is injected | outcome (asserted) | test |
 |---|---|---|---|

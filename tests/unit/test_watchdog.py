@@ -15,7 +15,6 @@ import logging, os, sys, time
 from pathlib import Path
 logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
 import cluster.driver.watchdog as w
-w.GRACE_S = 1.0
 
 class FakeSystem:   # the attributes the watchdog reads; its stack dump of other processes fails and is reported
     run_dir = Path(sys.argv[1])
@@ -24,7 +23,7 @@ class FakeSystem:   # the attributes the watchdog reads; its stack dump of other
     def log_event(self, *a, **k):
         pass
 
-w.Watchdog(FakeSystem(), multiple=3, floor_s=0.5, poll_s=0.1).start()
+w.Watchdog(FakeSystem(), multiple=3, floor_s=0.5, grace_s=1.0, poll_s=0.1).start()
 r, _ = os.pipe()
 os.read(r, 1)   # a system call that the simulated interrupt (_thread.interrupt_main) does not break
 print("not reached")
