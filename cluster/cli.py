@@ -276,7 +276,7 @@ def grade(task: str = typer.Option(..., help="math | numeric | countdown | exact
 
 @app.command(cls=_Command)
 def bench(name: str = typer.Argument(..., metavar="NAME", help="loss | grade | queue | generate | weight-sync | e2e | learner-memory | scaling | all"),
-          case: Optional[str] = typer.Option(None, help="only this case (scaling: group | length | queue | weight-sync)")):
+          case: Optional[str] = typer.Option(None, help="only this case (scaling: group | length | queue | weight-sync; e2e: tiny | smollm2 | actor-overhead)")):
     """Run a benchmark; prints one JSON object per line (metric, value, baseline, ratio, unit, case, target)."""
     from cluster.tools.bench import run_bench
 

@@ -14,6 +14,20 @@ problems per step), group size 8, at most 64 completion tokens, one optimizer up
 dynamic sampling. Both count every response token of the 128 completions of a step; the first step is
 warm-up and not counted. Target >= 2.0 for smollm2; tiny is reported.
 
+learner.actor_overhead (cases tiny, smollm2; `--case actor-overhead` runs only this row, on both models): the
+learner's train phase (TrainStep's time/train_s) for the SAME batch inside the LearnerGroup Ray actor (as
+`forkrl train` starts Ray and the learner: start_ray, LearnerGroup) over the same batch in a plain Python
+process that builds its `Trainer` the same way (the same config: vs_trl's forkrl side; 1-rank DeepSpeed
+ZeRO-2, learner.threads, float32, the actor's environment: runtime_env_vars() + OMP_NUM_THREADS). The batch
+is built once (fixed seed): PROMPTS groups of GROUP responses of 1..NEW_TOKENS tokens on prompts as long as
+the arith prompts (learner_memory's synthetic groups), written with the queue codec and read by every side.
+A third side is the plain process at Ray's worker niceness (os.nice(15) at its start), to test whether the
+niceness explains a gap. Each side is its own long-lived process; after one warm-up call each, OVERHEAD_ROUNDS
+rounds call actor, plain, plain at nice 15 in turn; value = the actor's median, baseline = the plain median
+(ratio = the overhead), plain_nice15_s beside them, with each side's nice value, torch threads and env_diff
+(OMP_*, LD_PRELOAD, MALLOC_* and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
+tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
+
 Each side runs in its own subprocess (its own Ray, its own torch threads).
 """
 
@@ -21,11 +35,12 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +55,13 @@ COMMON = ["run.eval_every=0", "checkpoint.every=0", "reward.dynamic_sampling=fal
           f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
           f"rollout.max_new_tokens={NEW_TOKENS}", "learner.mini_batches=1", "learner.epochs=1"]
 SYNC_LOOP = ["run.max_staleness=0", "rollout.threads=2", "learner.threads=2"]   # vs_trl's forkrl side
+QUICK = os.environ.get("FORKRL_BENCH_QUICK") == "1"
+OVERHEAD_SIDES = ("actor", "plain", "plain_nice15")
+OVERHEAD_ROUNDS = 3                     # timed train calls per side, after one warm-up call each
+OVERHEAD_TARGETS = {"smollm2": "<= 1.10", "tiny": "report"}
+OVERHEAD_MODELS = ("tiny",) if QUICK else ("tiny", "smollm2")   # --case actor-overhead
+RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))
+CASES = (*TARGETS, "actor-overhead")
 
 
 def train_run(model: str, overrides: list[str], out: Path, pin: bool = False) -> list[dict]:
@@ -164,18 +186,190 @@ def vs_trl(case: str, model: str) -> Iterator[dict]:
               forkrl_phases={k: round(_mean(rows, f"time/{k}_s"), 2) for k in ("generate", "grade", "train", "sync")})
 
 
+# ------------------------------------------------------------------------------ learner.actor_overhead
+
+def overhead_batch(prompt_len: int, seed: int = 0) -> list:
+    """vs_trl's step as synthetic scored groups (learner_memory's): PROMPTS groups of GROUP responses, each of
+    1..NEW_TOKENS tokens (drawn with `seed`), on prompts of prompt_len tokens. The same seed, the same groups."""
+    from cluster.tools.bench.learner_memory import _groups
+
+    lengths = np.random.default_rng(seed).integers(1, NEW_TOKENS + 1, (PROMPTS, GROUP)).tolist()
+    return _groups(prompt_len, lengths, seed=seed)
+
+
+def side_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables besides the thread count and niceness that change how fast a process computes: OpenMP's
+    (OMP_*) and the allocator's (LD_PRELOAD, MALLOC_*)."""
+    return {k: v for k, v in sorted(environ.items()) if k.startswith(("OMP_", "MALLOC_")) or k == "LD_PRELOAD"}
+
+
+def env_diff(a: Mapping, b: Mapping) -> dict[str, list]:
+    """{key: [a's value, b's value]} for every key whose values differ (None where one side lacks it)."""
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def round_medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each side's median over the rounds ({side: seconds} per round), and paired_ratio: the median of the
+    per-round actor / plain."""
+    out = {s: statistics.median(r[s] for r in rounds) for s in rounds[0]}
+    out["paired_ratio"] = statistics.median(r["actor"] / r["plain"] for r in rounds)
+    return out
+
+
+def process_info(_actor=None) -> dict:
+    """This process's nice value, torch threads, CPU affinity and side_env (run in the actor by __ray_call__,
+    which passes the actor instance)."""
+    import torch
+
+    return {"pid": os.getpid(), "nice": os.nice(0), "threads": torch.get_num_threads(),
+            "affinity": sorted(os.sched_getaffinity(0)), "env": side_env(os.environ)}
+
+
+class _Side:
+    """One side of learner.actor_overhead in its own process (`_overhead_child`): a line "train" on its stdin
+    runs one train call, it answers one JSON line."""
+
+    def __init__(self, side: str, model: str, batch: Path, env: dict[str, str], log: Path):
+        self.side, self.log, self.log_f = side, log, open(log, "w")
+        cmd = [sys.executable, "-m", "cluster.tools.bench.e2e", "overhead", side, model, str(batch)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_f, text=True,
+                                     env=env)
+        self.info = self._reply()   # after set-up
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"actor_overhead side {self.side} failed ({self.proc.returncode}):\n"
+                               f"{self.log.read_text()[-4000:]}")
+        return json.loads(line)
+
+    def train(self) -> dict:
+        self.proc.stdin.write("train\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()   # end of input: the child shuts down
+            self.proc.wait(timeout=120)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.log_f.close()
+
+
+def actor_overhead(case: str, model: str) -> Iterator[dict]:
+    import msgpack
+
+    from cluster.config import load_config
+    from cluster.runtime import runtime_env_vars
+    from cluster.tools.bench.generate import bench_prompts
+    from cluster.transport.codec import encode
+
+    threads = load_config(None, [f"model.path={model}", *COMMON, *SYNC_LOOP]).learner.threads
+    prompt_len = int(np.median([len(p.token_ids) for p in bench_prompts(model, PROMPTS)]))
+    groups = overhead_batch(prompt_len)
+    # the actor's environment: what LearnerGroup gives its ranks; the actor side's driver gets ours, as forkrl train
+    plain_env = {**os.environ, **runtime_env_vars(), "OMP_NUM_THREADS": str(threads)}
+    sides: dict[str, _Side] = {}
+    with tempfile.TemporaryDirectory() as d:
+        batch = Path(d) / "batch.msgpack"
+        batch.write_bytes(msgpack.packb([encode(g) for g in groups]))
+        try:
+            for s in OVERHEAD_SIDES:   # set up one at a time
+                sides[s] = _Side(s, model, batch, dict(os.environ) if s == "actor" else plain_env, Path(d) / f"{s}.log")
+            for s in OVERHEAD_SIDES:
+                sides[s].train()       # warm-up: compiled kernels, allocator, first-call costs
+            calls = [{s: sides[s].train() for s in OVERHEAD_SIDES} for _ in range(OVERHEAD_ROUNDS)]
+        finally:
+            for side in sides.values():
+                side.close()
+    rounds = [{s: c[s]["train_s"] for s in OVERHEAD_SIDES} for c in calls]
+    med = round_medians(rounds)
+    info = {s: sides[s].info for s in OVERHEAD_SIDES}
+    yield row("learner.actor_overhead", med["actor"], med["plain"], "s", case, OVERHEAD_TARGETS[case],
+              plain_nice15_s=med["plain_nice15"], paired_ratio_median=med["paired_ratio"],
+              nice={s: info[s]["nice"] for s in OVERHEAD_SIDES},
+              threads={s: info[s]["threads"] for s in OVERHEAD_SIDES},
+              env_diff=env_diff({**info["actor"]["env"], "affinity": info["actor"]["affinity"]},
+                                {**info["plain"]["env"], "affinity": info["plain"]["affinity"]}),
+              actor_call_s=statistics.median(c["actor"]["call_s"] for c in calls),
+              train_s={s: [round(r[s], 3) for r in rounds] for s in OVERHEAD_SIDES}, rounds=OVERHEAD_ROUNDS,
+              batch={"groups": len(groups), "group_size": GROUP, "prompt_tokens": prompt_len,
+                     "response_tokens": sum(len(x.token_ids) for g in groups for x in g.rollout.responses)},
+              load=os.getloadavg()[0])
+
+
+def _overhead_child(side: str, model: str, batch: str) -> None:
+    """One side: set up the learner (in the LearnerGroup actor, or a plain Trainer here), answer process_info,
+    then one train call on the batch per "train" line, answering its seconds."""
+    reply = os.fdopen(os.dup(1), "w", buffering=1)   # our answers; everything else printed goes to stderr
+    os.dup2(2, 1)
+    if side == "plain_nice15":
+        os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
+    import msgpack
+
+    from cluster.config import load_config
+    from cluster.runtime import setup_env
+    from cluster.transport.codec import decode
+
+    setup_env()
+    cfg = load_config(None, [f"model.path={model}", *COMMON, *SYNC_LOOP])
+    groups = [decode(b) for b in msgpack.unpackb(Path(batch).read_bytes())]
+    if side == "actor":
+        import ray
+
+        from cluster.driver.placement import start_ray
+        from learner.worker import LearnerGroup
+
+        _, started = start_ray(cfg)
+        learner = LearnerGroup(cfg, model)
+        info = ray.get(learner.ranks[0].__ray_call__.remote(process_info))
+
+        def train() -> dict:
+            return learner.call("train_on", groups)[0]
+    else:
+        from cluster.transport.weightsync import free_port
+        from learner.worker import Trainer
+
+        trainer = Trainer(cfg, model, 0, 1, "127.0.0.1", free_port("127.0.0.1"))
+        trainer.setup()
+        info = process_info()
+
+        def train() -> dict:
+            return trainer.train_on(groups)
+    reply.write(json.dumps(info) + "\n")
+    for line in sys.stdin:
+        if line.strip() != "train":
+            break
+        t0 = time.perf_counter()
+        stats = train()
+        reply.write(json.dumps({"train_s": stats["time/train_s"], "call_s": time.perf_counter() - t0}) + "\n")
+    if side == "actor":
+        learner.kill()
+        if started:
+            ray.shutdown()
+
+
 def run(case: str | None = None) -> Iterator[dict]:
     from cluster.tools.bench.generate import bench_model
 
-    cases = [case] if case else ["tiny", "smollm2"]
-    for c in cases:
-        if c not in TARGETS:
-            raise KeyError(f"unknown case {c!r}; choose from {', '.join(TARGETS)}")
+    if case is not None and case not in CASES:
+        raise KeyError(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+    if case == "actor-overhead":
+        for c in OVERHEAD_MODELS:
+            yield from actor_overhead(c, bench_model(c))
+        return
+    for c in [case] if case else ["tiny", "smollm2"]:
         model = bench_model(c)
         if c == "tiny":
             yield from async_overlap(model)
         yield from vs_trl(c, model)
+        yield from actor_overhead(c, model)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["trl"]:
     _trl_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+elif __name__ == "__main__" and sys.argv[1:2] == ["overhead"]:
+    _overhead_child(sys.argv[2], sys.argv[3], sys.argv[4])
