@@ -198,7 +198,7 @@ class Soak:
                 "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=32",
                 "reward.dynamic_sampling=false", "data.train_size=64", "queue.reconnect_s=3",
                 "checkpoint.every=2", f"checkpoint.keep_last={self.steps // 2 + 1}", "rollout.seeded=true",
-                "cluster.max_recoveries=1000", "rollout.num_generators=2",
+                "cluster.max_recoveries=1000", "rollout.num_generators=2", "sync.timeout_s=10",
                 "cluster.num_cpus=4", f"run.seed={self.seed}", f"run.output_dir={self.out / 'runs'}", *self.extra]
 
     def _poll(self) -> None:
@@ -284,20 +284,23 @@ class Soak:
         f.t = time.monotonic()
         if k in STOPS:
             f.rc = run.wait(300) if k != "driver" else run.proc.wait(60)
+            if k == "driver":
+                run._log.close()
+            # the run's actors die with their driver; until they are gone, a learner rank can still finish an
+            # update the driver never logged (its ack adds the groups to the server's trained set)
+            deadline = time.monotonic() + 60
+            left = [x for x in [*p["generators"], *p["learner"], *p["grader_workers"]] if _alive(x)]
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)
+                left = [x for x in left if _alive(x)]
+            if left:
+                raise RunFailed(f"processes left behind by the stopped run ({k}): {left}")
+            time.sleep(0.5)   # a command a dead client had already sent is still executed by the server
             # the queue's own record of what the stopped process trained: an update can finish (its groups
             # acked and added to the trained set) after the last ledger line the dead driver wrote
             with server.client() as c:
                 self.queue_trained |= {x.decode() for x in c.smembers(f"forkrl:{self.run_dir.name}:trained")}
-            if k == "driver":
-                run._log.close()
-                deadline = time.monotonic() + 60      # the run's actors die with their driver
-                left = [x for x in [*p["generators"], *p["learner"], *p["grader_workers"]] if _alive(x)]
-                while left and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    left = [x for x in left if _alive(x)]
-                if left:
-                    raise RunFailed(f"processes left behind by the killed driver: {left}")
-            elif f.rc != 3:
+            if k != "driver" and f.rc != 3:
                 raise RunFailed(f"{k}: expected exit code 3, got {f.rc}:\n{run.log()[-5000:]}")
             self._start(server, resume=True)
 
