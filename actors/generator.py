@@ -226,7 +226,8 @@ class _VLLMEngine:
     def reload(self) -> dict:
         out = self.llm.collective_rpc("forkrl_reload")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        return out[0]
+        # with tensor parallelism the sync ends when its slowest rank does
+        return {**out[0], **{k: max(o[k] for o in out) for k in ("receive_s", "apply_s")}}
 
     def close_sync(self) -> None:
         self.llm.collective_rpc("forkrl_close_sync")

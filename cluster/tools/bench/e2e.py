@@ -27,8 +27,10 @@ is built once (fixed seed): PROMPTS groups of GROUP responses of 1..NEW_TOKENS t
 the arith prompts (learner_memory's synthetic groups), written with the queue codec and read by every side.
 A third side is the plain process at Ray's worker niceness (os.nice(15) at its start), to test whether the
 niceness explains a gap. Each side is its own long-lived process; after one warm-up call each, OVERHEAD_ROUNDS
-rounds call actor, plain, plain at nice 15 in turn; value = the actor's median, baseline = the plain median
-(ratio = the overhead), plain_nice15_s beside them, with each side's nice value, torch threads and env_diff
+rounds call actor, plain, plain at nice 15 in turn, when the three fit in memory together (the first side's
+peak RSS x 2 under 0.8 of the memory available); otherwise (SmolLM2 on a 24 GiB box: ~8 GB each) each side
+runs its rounds alone and exits before the next starts (`sides` in the row says which). Value = the actor's
+median, baseline = the plain median (ratio = the overhead), plain_nice15_s beside them, with each side's nice value, torch threads and env_diff
 (OMP_*, LD_PRELOAD, MALLOC_* and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
 tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
 
@@ -195,7 +197,7 @@ def _trl(model: str, steps: int, generation: str, dtype: str = "float32") -> dic
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "trl.json"
         subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(steps), str(out), generation, dtype],
-                       check=True, env=env)
+                       check=True, env=env, stdout=sys.stderr)   # TRL's logging: stdout is the bench's rows
         return json.loads(out.read_text())
 
 
@@ -282,6 +284,14 @@ def round_medians(rounds: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
+def peak_rss(pid: int) -> int:
+    """Peak resident memory (bytes) of a live process: VmHWM in /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
 def process_info(_actor=None) -> dict:
     """This process's nice value, torch threads, CPU affinity and side_env (run in the actor by __ray_call__,
     which passes the actor instance)."""
@@ -338,22 +348,43 @@ def actor_overhead(case: str, model: str) -> Iterator[dict]:
     groups = overhead_batch(prompt_len)
     # the actor's environment: what LearnerGroup gives its ranks; the actor side's driver gets ours, as forkrl train
     plain_env = {**os.environ, **runtime_env_vars(), "OMP_NUM_THREADS": str(threads)}
+    import psutil
+
     sides: dict[str, _Side] = {}
+    info: dict[str, dict] = {}
+    calls: list[dict] = [{} for _ in range(OVERHEAD_ROUNDS)]
     with tempfile.TemporaryDirectory() as d:
         batch = Path(d) / "batch.msgpack"
         batch.write_bytes(msgpack.packb([encode(g) for g in groups]))
+
+        def start(s: str) -> _Side:
+            sides[s] = _Side(s, model, batch, dict(os.environ) if s == "actor" else plain_env, Path(d) / f"{s}.log")
+            info[s] = sides[s].info
+            sides[s].train()           # warm-up: compiled kernels, allocator, first-call costs
+            return sides[s]
+
         try:
-            for s in OVERHEAD_SIDES:   # set up one at a time
-                sides[s] = _Side(s, model, batch, dict(os.environ) if s == "actor" else plain_env, Path(d) / f"{s}.log")
-            for s in OVERHEAD_SIDES:
-                sides[s].train()       # warm-up: compiled kernels, allocator, first-call costs
-            calls = [{s: sides[s].train() for s in OVERHEAD_SIDES} for _ in range(OVERHEAD_ROUNDS)]
+            first, *rest = OVERHEAD_SIDES
+            start(first)
+            # the sides run side by side (interleaved rounds) when they fit in memory together; SmolLM2's
+            # learner peaks at ~8 GB, and three of them on a 24 GiB box got the actor killed by Ray's monitor
+            peak = peak_rss(info[first]["pid"])
+            together = peak * len(rest) < 0.8 * psutil.virtual_memory().available
+            if together:
+                for s in rest:
+                    start(s)
+                calls = [{s: sides[s].train() for s in OVERHEAD_SIDES} for _ in range(OVERHEAD_ROUNDS)]
+            else:              # one side at a time: its rounds, then it exits
+                for s in OVERHEAD_SIDES:
+                    side = sides.get(s) or start(s)
+                    for c in calls:
+                        c[s] = side.train()
+                    side.close()
         finally:
             for side in sides.values():
                 side.close()
     rounds = [{s: c[s]["train_s"] for s in OVERHEAD_SIDES} for c in calls]
     med = round_medians(rounds)
-    info = {s: sides[s].info for s in OVERHEAD_SIDES}
     yield row("learner.actor_overhead", med["actor"], med["plain"], "s", case, OVERHEAD_TARGETS[case],
               plain_nice15_s=med["plain_nice15"], paired_ratio_median=med["paired_ratio"],
               nice={s: info[s]["nice"] for s in OVERHEAD_SIDES},
@@ -362,6 +393,7 @@ def actor_overhead(case: str, model: str) -> Iterator[dict]:
                                 {**info["plain"]["env"], "affinity": info["plain"]["affinity"]}),
               actor_call_s=statistics.median(c["actor"]["call_s"] for c in calls),
               train_s={s: [round(r[s], 3) for r in rounds] for s in OVERHEAD_SIDES}, rounds=OVERHEAD_ROUNDS,
+              sides="interleaved" if together else "one at a time", peak_rss_gb=round(peak / 2**30, 2),
               batch={"groups": len(groups), "group_size": GROUP, "prompt_tokens": prompt_len,
                      "response_tokens": sum(len(x.token_ids) for g in groups for x in g.rollout.responses)},
               load=os.getloadavg()[0])

