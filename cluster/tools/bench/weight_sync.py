@@ -2,7 +2,8 @@
 
 All in one run, between this process (the learner's rank 0, weights already gathered) and one vLLM generator
 actor, with sync.bucket_mb buckets:
-- broadcast: raw gloo broadcast of the same bucket bytes into preallocated, pre-touched buffers in the actor;
+- broadcast: raw gloo broadcast of the same bucket bytes into preallocated, pre-touched buffers in the vLLM
+  worker (where the real sync receives; in the actor's own process at TP = 1);
 - reload: vLLM's `reload_weights` of the same tensors already in the actor's memory, in send order;
 - full: the real sync (manifest, bucketed receive overlapped with the layer-wise reload), timed in the actor
   from the manifest's arrival to the end of the reload (the learner's gather is excluded).
