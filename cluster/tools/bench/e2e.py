@@ -66,7 +66,8 @@ STEPS = {"tiny": 6, "smollm2": 3}       # forkrl steps per run (the first is war
 TRL_STEPS = {"tiny": 3, "smollm2": 2}   # TRL takes ~166 s per step on SmolLM2-135M here
 TARGETS = {"smollm2": ">= 3.5", "tiny": "report"}
 BF16_CASE, BF16_FLAGS = "smollm2-bf16", ("avx512_bf16", "amx_bf16")
-BF16 = ["model.dtype=bfloat16", "algorithm.tis_cap=2.0"]   # forkrl's side of the bf16 case, after COMMON
+BF16_TIS_CAP = 2.0                      # algorithm.tis_cap of forkrl's bf16 side
+BF16 = ["model.dtype=bfloat16", f"algorithm.tis_cap={BF16_TIS_CAP}"]   # forkrl's side of the bf16 case, after COMMON
 COMMON = ["run.eval_every=0", "checkpoint.every=0", "reward.dynamic_sampling=false", "model.dtype=float32",
           f"rollout.prompts_per_step={PROMPTS}", f"rollout.group_size={GROUP}",
           f"rollout.max_new_tokens={NEW_TOKENS}", "learner.mini_batches=1", "learner.epochs=1"]
@@ -251,7 +252,7 @@ def vs_trl_bf16() -> Iterator[dict]:
     ours, ours_extra = _forkrl_side(BF16_CASE, model, BF16)
     theirs, step_s = _trl_tokens_per_s(_trl(model, TRL_STEPS["smollm2"], "hf", "bfloat16"))
     yield row("e2e.vs_trl_bf16", ours, theirs, "trained tokens/s", BF16_CASE, "report", trl_generation="hf",
-              trl_dtype="bfloat16", tis_cap=2.0, trl_step_s=round(step_s, 2), **ours_extra)
+              trl_dtype="bfloat16", tis_cap=BF16_TIS_CAP, trl_step_s=round(step_s, 2), **ours_extra)
 
 
 # ------------------------------------------------------------------------------ learner.actor_overhead
