@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from cluster.tools.bench import row
@@ -102,15 +103,7 @@ def decode_batches(lengths: list[int]) -> list[int]:
 def interpolate(points: dict[int, float], m: int) -> float:
     """Linear interpolation of `points` {M: seconds} at m (clamped to the measured range)."""
     xs = sorted(points)
-    if m <= xs[0]:
-        return points[xs[0]]
-    if m >= xs[-1]:
-        return points[xs[-1]]
-    hi = next(x for x in xs if x >= m)
-    lo = max(x for x in xs if x <= m)
-    if hi == lo:
-        return points[lo]
-    return points[lo] + (points[hi] - points[lo]) * (m - lo) / (hi - lo)
+    return float(np.interp(m, xs, [points[x] for x in xs]))
 
 
 def matmul_pass_s(weights: list[torch.Tensor], m: int, threads: int, repeats: int = 3) -> float:

@@ -14,11 +14,11 @@ alike; the first sync into the fresh engine is reported as first_sync_s. The eng
 settings (rollout.threads, actors.generator.engine_env).
 
 Cases tiny, smollm2, and tiny-tp2: the generator with rollout.tensor_parallel_size=2 (vLLM-CPU's
-multiprocessing executor, one core per rank). SmolLM2-135M has no TP = 2 case: its 9 attention heads do not
-split over 2 ranks (vLLM refuses), and TP = 3 needs 3 cores. There the sync group has three ranks: the learner and both vLLM
-workers, each receiving every bucket and loading its own shard; the raw broadcast goes into buffers in both
-workers, the reload runs in both (the slowest rank's time counts), and the full sync ends when its slowest
-rank is done.
+multiprocessing executor, one core per rank). In tiny-tp2 the sync group has three ranks: the learner and both
+vLLM workers, each receiving every bucket and loading its own shard; the raw broadcast goes into buffers in
+both workers, the reload runs in both (the slowest rank's time counts), and the full sync ends when its
+slowest rank is done. SmolLM2-135M has no TP = 2 case: its 9 attention heads do not split over 2 ranks (vLLM
+refuses), and TP = 3 needs 3 cores.
 """
 
 from __future__ import annotations
