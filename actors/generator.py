@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from cluster.config import RolloutConfig
+from cluster.runtime import startup_gc
 from cluster.types import Prompt, Response, Rollout
 
 EXTENSION = "actors.vllm_ext.WeightSyncWorker"
@@ -319,7 +320,8 @@ class Generator:
         self.max_model_len = max_model_len
         engine = {"vllm": _VLLMEngine, "hf": _HFEngine}[rollout.backend]
         t0 = time.perf_counter()
-        self.engine = engine(model_path, rollout, dtype, seed, max_model_len)
+        with startup_gc():
+            self.engine = engine(model_path, rollout, dtype, seed, max_model_len)
         self.start_s = time.perf_counter() - t0
         self.version = 0          # the checkpoint the engine was started from
         self.broken: str | None = None

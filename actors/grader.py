@@ -9,12 +9,14 @@ to open a queue Producer) receives the kept groups of every `score(..., push=Tru
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from cluster.config import Config, RewardConfig
+from cluster.runtime import startup_gc
 from cluster.split import split_even
 from cluster.types import Rollout, ScoredGroup
 
@@ -26,28 +28,30 @@ class Grader:
 
     def __init__(self, reward_cfg: dict, adv_estimator: str, l_max: int | None, seed: int,
                  sink_factory: Callable[[], Sink] | None = None):
-        from reward import group  # noqa: F401 - pay torch's import at start-up, not in the first batch
-        from reward.worker import WorkerPool
+        with startup_gc():
+            from reward import group  # noqa: F401 - pay torch's import at start-up, not in the first batch
+            from reward.worker import WorkerPool
 
-        self.cfg = RewardConfig.model_validate(reward_cfg)
-        self.adv_estimator = adv_estimator
-        self.l_max = l_max
-        self.rng = np.random.default_rng(seed)
-        self.pool = WorkerPool(self.cfg.workers_per_grader, self.cfg.timeout_s, self.cfg.worker_memory_mb)
-        self.sink = sink_factory() if sink_factory else None
+            self.cfg = RewardConfig.model_validate(reward_cfg)
+            self.adv_estimator = adv_estimator
+            self.l_max = l_max
+            self.rng = np.random.default_rng(seed)
+            self.pool = WorkerPool(self.cfg.workers_per_grader, self.cfg.timeout_s, self.cfg.worker_memory_mb)
+            self.sink = sink_factory() if sink_factory else None
 
     def ready(self) -> int:
         """Wait until the worker processes have started; returns this actor's pid."""
         self.pool.wait_ready()
         return os.getpid()
 
-    def score(self, rollouts: list[Rollout], push: bool = False, return_groups: bool = True
-              ) -> tuple[list[ScoredGroup], dict[str, float]]:
+    def score(self, rollouts: list[Rollout], push: bool = False, return_groups: bool = True,
+              reward: dict | None = None) -> tuple[list[ScoredGroup], dict[str, float]]:
+        """Score with the actor's reward config, or with `reward` for this call (GraderPool.scoring_with)."""
         from reward.group import score_groups
 
+        cfg = self.cfg if reward is None else RewardConfig.model_validate(reward)
         restarts = self.pool.restarts
-        groups, stats = score_groups(rollouts, self.cfg, self.adv_estimator, self.rng, self.pool.run,
-                                     l_max=self.l_max)
+        groups, stats = score_groups(rollouts, cfg, self.adv_estimator, self.rng, self.pool.run, l_max=self.l_max)
         stats["reward/worker_restarts"] = float(self.pool.restarts - restarts)  # in this call, like the rest
         if push:
             if self.sink is None:
@@ -90,6 +94,19 @@ class GraderPool:
         self.actors = [actor.remote(reward.model_dump(), adv_estimator, l_max,
                                     int(s.generate_state(1)[0]), sink_factory) for s in seeds]
         self._next = 0
+        self._score_with: dict | None = None   # scoring_with's reward (None: each actor's own)
+        self._owns = True
+
+    def scoring_with(self, reward: RewardConfig) -> GraderPool:
+        """These actors scoring with `reward` instead of their own config: the evaluation's plain 1/0 reward
+        on a run's grader pool (cluster/driver/evaluation.py), where a pool of its own would be another actor
+        and worker process to start. Closing the view closes nothing. `reward` may not draw reward noise: the
+        actors' RNG stream belongs to training's noise flips and stays as it was."""
+        if reward.noise_flip_prob > 0:
+            raise ValueError("scoring_with: a reward with noise_flip_prob > 0 would draw from the training RNG")
+        view = copy.copy(self)
+        view.reward, view._score_with, view._owns = reward, reward.model_dump(), False
+        return view
 
     def wait_ready(self) -> list[int]:
         import ray
@@ -103,7 +120,7 @@ class GraderPool:
         refs = []
         for j, chunk in enumerate(split_even(rollouts, n) if n else []):
             actor = self.actors[(self._next + j) % len(self.actors)]
-            refs.append(actor.score.remote(chunk, push, return_groups))
+            refs.append(actor.score.remote(chunk, push, return_groups, self._score_with))
         self._next = (self._next + n) % len(self.actors)
         return refs
 
@@ -123,6 +140,8 @@ class GraderPool:
     def close(self) -> None:
         import ray
 
+        if not self._owns:
+            return
         for a in self.actors:
             try:
                 ray.get(a.close.remote(), timeout=30)

@@ -6,8 +6,12 @@ directory and /tmp; nothing may be fetched from a model hub at run time.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # CPU features that change what torch.compile's C++ backend emits (vector width, VNNI/BF16/FP16/AMX paths).
@@ -88,3 +92,27 @@ def setup_env() -> None:
     for k, v in runtime_env_vars().items():
         os.environ.setdefault(k, v)
     pin_inductor_cache()
+
+
+@contextmanager
+def startup_gc() -> Iterator[None]:
+    """The cyclic garbage collector off while a process starts (imports, model and engine set-up), then
+    `gc.freeze()` and on again: what start-up built is never scanned again.
+
+    Start-up allocates about a million long-lived objects (torch, vLLM, DeepSpeed, transformers), and with the
+    collector on, every generation-2 pass rescans all of them: importing vLLM, DeepSpeed and transformers takes
+    ~30% less CPU with it off (docs/performance.md "Start-up CPU"). No collection before the freeze: it would
+    cost ~1 s of the saving, and start-up's cyclic garbage (~17k objects, no measurable RSS) stays. The
+    objects are unfrozen at exit, so interpreter shutdown frees them as it would have (nanobind checks that).
+    Nested uses are no-ops."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+        atexit.unregister(gc.unfreeze)
+        atexit.register(gc.unfreeze)

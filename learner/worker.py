@@ -66,19 +66,20 @@ class Trainer:
 
     def setup(self) -> dict[str, Any]:
         """Join the process group, load the model (partitioned at load time under ZeRO-3), build the engine."""
-        from cluster.runtime import setup_env
+        from cluster.runtime import setup_env, startup_gc
         from learner.entropy_control import initial_control
 
         setup_env()
         torch.set_num_threads(self.cfg.learner.threads)
-        self._at(f"joining the process group at {self.master[0]}:{self.master[1]} with {self.world} ranks "
-                 "(and loading DeepSpeed's communication op, built on first use)")
-        init_process_group(self.cfg, self.rank, self.world, self.master)
-        gen, mask_gen = seed_everything(self.cfg.run.seed, self.rank)
-        self._at(f"loading {self.model_path} and building the DeepSpeed engine")
-        self.eng = build_engine(self.cfg, self.model_path, self.world)
-        control = initial_control(self.cfg.algorithm) if self.cfg.algorithm.adaptive_entropy else None
-        self.step = TrainStep(self.cfg, self.eng, self.rank, self.world, gen, mask_gen, control)
+        with startup_gc():
+            self._at(f"joining the process group at {self.master[0]}:{self.master[1]} with {self.world} ranks "
+                     "(and loading DeepSpeed's communication op, built on first use)")
+            init_process_group(self.cfg, self.rank, self.world, self.master)
+            gen, mask_gen = seed_everything(self.cfg.run.seed, self.rank)
+            self._at(f"loading {self.model_path} and building the DeepSpeed engine")
+            self.eng = build_engine(self.cfg, self.model_path, self.world)
+            control = initial_control(self.cfg.algorithm) if self.cfg.algorithm.adaptive_entropy else None
+            self.step = TrainStep(self.cfg, self.eng, self.rank, self.world, gen, mask_gen, control)
         self._at("set up")
         return {"rank": self.rank, "params": self.eng.params, "device": str(self.eng.device)}
 

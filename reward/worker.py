@@ -260,11 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-mb", type=int, default=2048)
     args = ap.parse_args(argv)
 
-    from reward.math_answers import math_equal
-    from reward.verifiers import safe_run_job
+    from cluster.runtime import startup_gc
 
-    # Import sympy, latex2sympy and math-verify before saying ready (two numbers would not need them).
-    math_equal("x+1", "1+x")
+    with startup_gc():
+        from reward.math_answers import math_equal
+        from reward.verifiers import safe_run_job
+
+        # Import sympy, latex2sympy and math-verify before saying ready (two numbers would not need them).
+        math_equal("x+1", "1+x")
     _limit_resources(args.timeout, args.memory_mb)
     # The protocol owns file descriptor 1; anything a library prints goes to stderr instead of being
     # read as a result.

@@ -59,7 +59,10 @@ def train(cfg: Config, resume: str | None = None) -> int:
     """`forkrl train`: returns the process exit code."""
     from ray.exceptions import RayActorError
 
-    from cluster.driver.system import System
+    from cluster.runtime import startup_gc
+
+    with startup_gc():
+        from cluster.driver.system import System
 
     with System.start(cfg, resume=resume) as s:   # on --resume, s.cfg is the run's own config
         loop = sync_loop if s.cfg.run.max_staleness == 0 else async_loop

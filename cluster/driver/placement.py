@@ -38,8 +38,11 @@ def start_ray(cfg: Config, log_to_driver: bool = True) -> tuple[bool, bool]:
         log.info("joined the Ray cluster at %s", address)
         return _one_node(), False
     with _loopback_node():
+        # no idle workers started ahead for this driver: every forkrl actor has its own runtime_env, so none
+        # would ever run in one (they cost ~0.8 s of CPU each, num_cpus of them)
         ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, runtime_env=env,
-                 dashboard_host=cfg.cluster.dashboard_host, log_to_driver=log_to_driver)
+                 dashboard_host=cfg.cluster.dashboard_host, log_to_driver=log_to_driver,
+                 _system_config={"prestart_worker_first_driver": False})
     ip = ray.util.get_node_ip_address()
     if ip in ("127.0.0.1", "::1"):
         log.info("started a private local Ray on %s (loopback only)", ip)
@@ -128,14 +131,13 @@ class Actors:
         self.cfg, self.run_id, self.model_path, self.address, self.local = cfg, run_id, model_path, address, local
         self.pg = None
         self.generators: list = []
-        self.graders = self.eval_graders = self.learner = None
+        self.graders = self.learner = None
 
     def start(self) -> None:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from cluster.driver.evaluation import eval_graders
         from learner.worker import LearnerGroup
 
         cfg, c = self.cfg, self.cfg.cluster
@@ -153,15 +155,13 @@ class Actors:
 
         t0 = time.perf_counter()
         self.generators = [self.new_generator(i) for i in range(n_gen)]
-        self.graders = self.new_graders()
-        self.eval_graders = eval_graders(cfg)
+        self.graders = self.new_graders()   # they score the evaluation too (eval_graders)
         first = n_gen * len(generator_bundles(cfg))
         self.learner = LearnerGroup(cfg, self.model_path, [opts(first + r) for r in range(n_rank)],
                                     loopback=self.local)
         self.attach_learner()
         ray.get([g.info.remote() for g in self.generators])
         self.graders.wait_ready()
-        self.eval_graders.wait_ready()
         self.init_sync()
         log.info("actors ready in %.1f s", time.perf_counter() - t0)
 
@@ -232,12 +232,11 @@ class Actors:
         if self.learner and self.learner.ranks:
             refs = [a.close.remote() for a in self.learner.ranks]
             ray.wait(refs, num_returns=len(refs), timeout=10)
-        for pool in (self.graders, self.eval_graders):
-            try:
-                if pool:
-                    pool.close()
-            except Exception as e:  # noqa: BLE001 - shut down the rest regardless
-                log.warning("shutdown: %s", e)
+        try:
+            if self.graders:
+                self.graders.close()
+        except Exception as e:  # noqa: BLE001 - shut down the rest regardless
+            log.warning("shutdown: %s", e)
         for g in self.generators:
             ray.kill(g)
         if self.learner:

@@ -54,7 +54,7 @@ class System:
     @classmethod
     @contextmanager
     def start(cls, cfg: Config, resume: str | None = None) -> Iterator["System"]:
-        from cluster.runtime import setup_env
+        from cluster.runtime import setup_env, startup_gc
 
         setup_env()
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -64,7 +64,8 @@ class System:
         cfg, run_dir = open_run_dir(cfg, resume)
         s = cls(cfg, run_dir, resume=bool(resume))
         try:
-            s._start()
+            with startup_gc():
+                s._start()
         except BaseException:
             s.stop()
             if not resume:  # a start that failed leaves no run directory behind
@@ -303,10 +304,10 @@ class System:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         """The held-out evaluation (cluster/driver/evaluation.py, the evaluator `forkrl eval` runs too)."""
-        from cluster.driver.evaluation import evaluate
+        from cluster.driver.evaluation import eval_graders, evaluate
 
         return evaluate(self.eval_prompts, lambda ps: self._gather(self.generate(ps, method="evaluate")),
-                        self.actors.eval_graders)
+                        eval_graders(self.cfg, self.actors.graders))
 
     def _log_eval(self, step: int, stats: dict[str, float]) -> None:
         self._last_eval = stats

@@ -312,7 +312,7 @@ def test_hung_generator_stops_the_run_through_the_watchdog(start_run, tiny_model
     """A generator stopped by the kernel (SIGSTOP) is alive and never answers: no deadline of the system
     covers a generate call (and the sync's is set beyond the test). The watchdog stops the run."""
     run = start_run(*common(tiny_model_dir, 50), f"run.output_dir={tmp_path / 'runs'}",
-                    "cluster.watchdog_multiple=3", "cluster.watchdog_floor_s=30", "cluster.watchdog_grace_s=15",
+                    "cluster.watchdog_multiple=3", "cluster.watchdog_floor_s=15", "cluster.watchdog_grace_s=15",
                     "sync.timeout_s=900")
     run.wait_for("trained", 3)
     deadline = time.monotonic() + 120

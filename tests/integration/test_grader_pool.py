@@ -122,3 +122,39 @@ def test_pool_from_reward_config_and_push_without_sink(ray_local):
         assert pool.score([]) == ([], {})
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_evaluation_scores_on_the_runs_graders_with_the_plain_reward(ray_local):
+    """eval_graders(cfg, pool): the run's grader actors score with the plain 1/0 reward for that call only,
+    leave the training RNG (noise flips) where it was, and closing the view closes nothing."""
+    from actors.grader import GraderPool
+    from cluster.driver.evaluation import eval_graders
+
+    cfg = Config(reward=RewardConfig(num_graders=2, ttrl=True, ttrl_vote=4, ttrl_train=4, correct=1.0,
+                                     incorrect=-1.0, noise_flip_prob=0.5, dynamic_sampling=False), run={"seed": 4},
+                 rollout={"group_size": 4})
+    plain = cfg.reward.model_copy(update=dict(ttrl=False, noise_flip_prob=0.0, correct=1.0, incorrect=0.0,
+                                              num_graders=1))
+    rollouts = batch()
+    rng = np.random.default_rng(0)
+    want_eval = score_groups(rollouts, plain, "grpo", rng, run_inline)[0]
+    pool, again = GraderPool(cfg), GraderPool(cfg)
+    try:
+        view = eval_graders(cfg, pool)
+        assert view.actors == pool.actors
+        got_eval, _ = view.score(rollouts)
+        assert [g.group_id for g in got_eval] == [r.group_id for r in rollouts]
+        for g, w in zip(got_eval, want_eval):
+            np.testing.assert_array_equal(g.rewards, w.rewards)   # 1/0 by the verifier: no vote, no flips
+        # training scores after the evaluation are those of a pool that never evaluated (same RNG draws)
+        after, fresh = pool.score(rollouts)[0], again.score(rollouts)[0]
+        assert [g.rewards.tolist() for g in after] == [g.rewards.tolist() for g in fresh]
+        assert any(set(g.rewards.tolist()) & {-1.0} for g in after)   # the training reward is the pool's own
+        view.close()
+        assert pool.score(rollouts[:2])[0]   # the actors still serve
+        with pytest.raises(ValueError, match="noise_flip_prob"):
+            pool.scoring_with(cfg.reward)
+    finally:
+        pool.close()
+        again.close()
