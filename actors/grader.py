@@ -94,8 +94,7 @@ class GraderPool:
         self.actors = [actor.remote(reward.model_dump(), adv_estimator, l_max,
                                     int(s.generate_state(1)[0]), sink_factory) for s in seeds]
         self._next = 0
-        self._score_with: dict | None = None   # scoring_with's reward (None: each actor's own)
-        self._owns = True
+        self._score_with: dict | None = None   # scoring_with's reward (None: each actor's own); set on a view
 
     def scoring_with(self, reward: RewardConfig) -> GraderPool:
         """These actors scoring with `reward` instead of their own config: the evaluation's plain 1/0 reward
@@ -105,7 +104,7 @@ class GraderPool:
         if reward.noise_flip_prob > 0:
             raise ValueError("scoring_with: a reward with noise_flip_prob > 0 would draw from the training RNG")
         view = copy.copy(self)
-        view.reward, view._score_with, view._owns = reward, reward.model_dump(), False
+        view.reward, view._score_with = reward, reward.model_dump()
         return view
 
     def wait_ready(self) -> list[int]:
@@ -140,7 +139,7 @@ class GraderPool:
     def close(self) -> None:
         import ray
 
-        if not self._owns:
+        if self._score_with is not None:   # a view: the actors belong to the pool it came from
             return
         for a in self.actors:
             try:

@@ -5,8 +5,8 @@ checkpoint.
 Both sample rollout.eval_samples (k) responses per held-out problem at rollout.eval_temperature / eval_top_p on
 vLLM generator actors (Generator.evaluate), each problem seeded by `actors.generator.request_seed(seed,
 prompt_id)` (run.seed in a run), score them with the evaluation's graders (`eval_graders`: the task's
-verifier, 1/0, no shaping; in a run the run's own grader actors) and report `stepstats.eval_stats`: eval/accuracy_avg (avg@k), eval/accuracy_pass
-(pass@k), eval/extracted (the share of responses with an extractable final answer), eval/length_mean,
+verifier, 1/0, no shaping; in a run the run's own grader actors) and report `stepstats.eval_stats`:
+eval/accuracy_avg (avg@k), eval/accuracy_pass (pass@k), eval/extracted (the share of responses with an extractable final answer), eval/length_mean,
 eval/entropy_sampled (the mean -log p of the sampled tokens), eval/problems.
 Since the seeds depend on the problem alone, `forkrl eval RUN --step N` samples what the run sampled at step N.
 """
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cluster.config import Config, UserError, load_config
+from cluster.config import Config, RewardConfig, UserError, load_config
 from cluster.types import Prompt, Rollout
 
 log = logging.getLogger("forkrl")
@@ -31,15 +31,19 @@ METRICS = {"eval/accuracy_avg": "avg@{k}", "eval/accuracy_pass": "pass@{k}", "ev
            "eval/entropy_sampled": "entropy (nats/token)", "eval/problems": "problems"}
 
 
-def eval_graders(cfg: Config, pool=None):
-    """The evaluation's graders, scoring with the task's verifier as a plain 1/0 reward (no TTRL, shaping or
-    noise): a run's grader pool `pool` (GraderPool.scoring_with: the same actors), else (`forkrl eval`) a
-    pool of its own."""
-    from actors.grader import GraderPool
-
-    reward = cfg.reward.model_copy(update=dict(
+def eval_reward(reward: RewardConfig) -> RewardConfig:
+    """The evaluation's reward: the task's verifier as a plain 1/0 reward (no TTRL, shaping or noise)."""
+    return reward.model_copy(update=dict(
         ttrl=False, dynamic_sampling=False, noise_flip_prob=0.0, correct=1.0, incorrect=0.0, format_reward=0.0,
         overlong_buffer=0, rent_coef=0.0, num_graders=1))
+
+
+def eval_graders(cfg: Config, pool=None):
+    """The evaluation's graders, scoring with `eval_reward`: a run's grader pool `pool`
+    (GraderPool.scoring_with: the same actors), else (`forkrl eval`) a pool of its own."""
+    from actors.grader import GraderPool
+
+    reward = eval_reward(cfg.reward)
     if pool is not None:
         return pool.scoring_with(reward)
     return GraderPool(reward, adv_estimator=cfg.algorithm.adv_estimator, l_max=cfg.rollout.max_new_tokens,

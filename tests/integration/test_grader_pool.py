@@ -129,16 +129,15 @@ def test_the_evaluation_scores_on_the_runs_graders_with_the_plain_reward(ray_loc
     """eval_graders(cfg, pool): the run's grader actors score with the plain 1/0 reward for that call only,
     leave the training RNG (noise flips) where it was, and closing the view closes nothing."""
     from actors.grader import GraderPool
-    from cluster.driver.evaluation import eval_graders
+    from cluster.driver.evaluation import eval_graders, eval_reward
 
     cfg = Config(reward=RewardConfig(num_graders=2, ttrl=True, ttrl_vote=4, ttrl_train=4, correct=1.0,
                                      incorrect=-1.0, noise_flip_prob=0.5, dynamic_sampling=False), run={"seed": 4},
                  rollout={"group_size": 4})
-    plain = cfg.reward.model_copy(update=dict(ttrl=False, noise_flip_prob=0.0, correct=1.0, incorrect=0.0,
-                                              num_graders=1))
     rollouts = batch()
     rng = np.random.default_rng(0)
-    want_eval = score_groups(rollouts, plain, "grpo", rng, run_inline)[0]
+    want_eval = score_groups(rollouts, eval_reward(cfg.reward), "grpo", rng, run_inline)[0]
+    assert all(set(g.rewards.tolist()) <= {0.0, 1.0} for g in want_eval)
     pool, again = GraderPool(cfg), GraderPool(cfg)
     try:
         view = eval_graders(cfg, pool)
