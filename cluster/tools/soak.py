@@ -154,11 +154,11 @@ def schedule(seed: int, steps: int, n: int, kinds: tuple[str, ...] = KINDS) -> l
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has); it may exit while /proc is read."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return Path(f"/proc/{pid}").exists() and "(Z)" not in Path(f"/proc/{pid}/stat").read_text()[:200]
 
 
 def _ppid(pid: int) -> int:
