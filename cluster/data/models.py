@@ -44,6 +44,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 MANIFEST = "forkrl_build.json"
+# The default builds as `forkrl models build-tiny cluster/data/builtin/tiny-arith --force` and `forkrl models
+# build-organism cluster/data/builtin/organism --force` wrote them: build_tiny and build_organism copy them when
+# the spec matches instead of training again (a fresh machine's test suite saves ~50 s of SFT for the tiny model;
+# tests/integration/test_models.py and test_organism.py fail when a spec moved on and its shipped build is stale).
+SHIPPED_TINY = Path(__file__).resolve().parent / "builtin" / "tiny-arith"
+SHIPPED_ORGANISM = Path(__file__).resolve().parent / "builtin" / "organism"
 
 
 @contextmanager
@@ -206,18 +212,40 @@ def sampled_accuracy(model, tokenizer, task: str, n: int = 128, seed: int = 0, t
                for t, p in zip(texts, probs)) / n
 
 
+def tiny_spec(task: str = "arith", sft_steps: int | None = None, seed: int = 0) -> dict:
+    """What a build of the tiny model depends on (its manifest's `spec`; a cache or the shipped build is reused
+    only when equal)."""
+    steps = TINY_SFT["steps"] if sft_steps is None else sft_steps
+    target = TINY_SFT["target"] if sft_steps is None else None  # an explicit step count trains exactly that
+    return {"version": TINY_VERSION, "task": task, "sft_steps": steps, "target": target, "seed": seed,
+            "arch": TINY_ARCH}
+
+
+def _copy_shipped(shipped: Path, out: Path, spec: dict, what: str, log) -> bool:
+    """Publish a copy of the build shipped with the package as `out` when it is the build of `spec`."""
+    if out == shipped or not _cached(shipped, spec):
+        return False
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shipped, tmp)
+    _publish(tmp, out)
+    log(f"{what}: the shipped build of this spec ({shipped}) -> {out}")
+    return True
+
+
 def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sft_steps: int | None = None,
                seed: int = 0, log=print) -> Path:
-    """Build (or reuse) the tiny warm-started model in `out_dir`; returns the directory."""
+    """Build (or reuse) the tiny warm-started model in `out_dir`; returns the directory. The default build
+    (arith, seed 0) is a copy of SHIPPED_TINY."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out_dir).resolve()
-    steps = TINY_SFT["steps"] if sft_steps is None else sft_steps
-    target = TINY_SFT["target"] if sft_steps is None else None  # an explicit step count trains exactly that
-    spec = {"version": TINY_VERSION, "task": task, "sft_steps": steps, "target": target, "seed": seed,
-            "arch": TINY_ARCH}
+    spec = tiny_spec(task, sft_steps, seed)
+    steps, target = spec["sft_steps"], spec["target"]
     with _locked(out):
         if not force and _cached(out, spec):
+            return out
+        if not force and _copy_shipped(SHIPPED_TINY, out, spec, "tiny model", log):
             return out
         t0 = time.time()
         torch.manual_seed(seed)
@@ -240,12 +268,6 @@ def build_tiny(out_dir: str | Path, task: str = "arith", force: bool = False, sf
         log(f"tiny model: {info['params']} parameters, sampled accuracy {acc:.2f}, "
             f"{info['build_seconds']} s -> {out}")
     return out
-
-
-# The default build (seed 0, ORGANISM_SFT) as `forkrl models build-organism cluster/data/builtin/organism --force`
-# wrote it: build_organism copies it when the spec matches instead of training again (tests/integration/
-# test_organism.py fails when the spec moved on and the shipped build is stale).
-SHIPPED_ORGANISM = Path(__file__).resolve().parent / "builtin" / "organism"
 
 
 def organism_spec(sft_steps: int | None = None, seed: int = 0) -> dict:
@@ -277,14 +299,8 @@ def build_organism(out_dir: str | Path, force: bool = False, sft_steps: int | No
     with _locked(out):
         if not force and _cached(out, spec):
             return out
-        if not force and _cached(SHIPPED_ORGANISM, spec) and out != SHIPPED_ORGANISM:
-            # the build this spec gives, shipped with the package (~12 min of SFT on 2 shared cores saved)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(SHIPPED_ORGANISM, tmp)
-            _publish(tmp, out)
-            log(f"model organism: the shipped build of this spec ({SHIPPED_ORGANISM}) -> {out}")
-            return out
+        if not force and _copy_shipped(SHIPPED_ORGANISM, out, spec, "model organism", log):
+            return out   # ~12 min of SFT on 2 shared cores saved
         t0 = time.time()
         torch.manual_seed(seed)
         tok = tiny_tokenizer(ORGANISM_WORDS)

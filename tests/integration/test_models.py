@@ -81,6 +81,26 @@ def test_build_tiny_is_cached_partial_and_loads_in_vllm(tiny_model_dir):
     check_agree(tiny_model_dir, ["Compute 3+4-2. Finish with Answer: <answer>.", "Compute 9-8+7."], 24)
 
 
+def test_the_shipped_tiny_build_is_the_current_spec_and_seeds_a_cache(tmp_path):
+    """cluster/data/builtin/tiny-arith is what the default build gives: a change to the tiny model's spec must
+    come with `forkrl models build-tiny cluster/data/builtin/tiny-arith --force`; a new cache is a copy of it."""
+    from safetensors.torch import load_file
+
+    from cluster.data.models import SHIPPED_TINY, build_tiny, tiny_spec
+
+    shipped = json.loads((SHIPPED_TINY / "forkrl_build.json").read_text())
+    assert shipped["spec"] == json.loads(json.dumps(tiny_spec())), "the shipped tiny model is stale: rebuild it"
+    said = []
+    out = build_tiny(tmp_path / "tiny", log=said.append)
+    assert len(said) == 1 and "shipped build" in said[0]
+    a, b = load_file(out / "model.safetensors"), load_file(SHIPPED_TINY / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert build_tiny(tmp_path / "tiny", log=said.append) == out and len(said) == 1   # then a cache hit
+    said.clear()
+    build_tiny(tmp_path / "other-seed", sft_steps=2, seed=1, log=said.append)   # another spec trains
+    assert not any("shipped build" in x for x in said)
+
+
 def test_build_tiny_is_deterministic(tmp_path):
     from cluster.data.models import build_tiny
     from safetensors.torch import load_file
