@@ -27,6 +27,7 @@ from learner.attention import register as register_attention
 from learner.batching import MicroBatch
 
 CKPT_TAG = "ds"   # DeepSpeed's tag directory inside a checkpoint directory
+SHM_COMM_OP = "deepspeed_shm_comm"   # ShareMemCommBuilder.NAME: DeepSpeed's CPU shared-memory all-reduce op
 
 
 class Policy(torch.nn.Module):
@@ -160,8 +161,9 @@ def loopback_interface(host: str) -> str | None:
 
 
 def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, int]) -> None:
-    """Join the learner's default process group (NCCL with GPUs, else gloo). DeepSpeed loads (and on first
-    use builds) its communication op here: a build lock a killed build left behind is removed first."""
+    """Join the learner's default process group (NCCL with GPUs, else gloo), without DeepSpeed's CPU
+    shared-memory op. A JIT build lock a killed build left behind is removed first (no op the default learner
+    uses is JIT-built; an op a DeepSpeed feature builds later takes the same kind of lock)."""
     import deepspeed
 
     import torch.distributed as dist
@@ -175,6 +177,14 @@ def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, in
     if backend == "gloo" and (lo := loopback_interface(master[0])):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)   # gloo's pairs listen there, not on the hostname's address
     remove_stale_build_locks()
+    if backend == "gloo":
+        # ZeRO training never calls DeepSpeed's CPU shared-memory all-reduce (only its inference_all_reduce
+        # does), yet its TorchBackend JIT-builds that op at init (~50 s on 2 cores, again for every new venv path:
+        # the include paths are in the build's hash) and maps a 69 MB /dev/shm segment per group. Mark the op
+        # unavailable; deepspeed.ops keeps one __compatible_ops__ dict per process, so the edit holds.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
     # a rank whose queue read returned waits in train_step's agreement for the slowest read, which
     # gives up after queue.read_timeout_s: the collectives must outwait it
     timeout = timedelta(seconds=cfg.queue.read_timeout_s + 120)
@@ -184,12 +194,6 @@ def init_process_group(cfg: Config, rank: int, world: int, master: tuple[str, in
         dist.init_process_group(backend, store=rendezvous_store(master[0], master[1], rank, world, timeout),
                                 rank=rank, world_size=world, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    # LOCAL_SIZE=1 keeps DeepSpeed's CPU shared-memory all-reduce (an inference path) off when
-    # world > 1; a 1-rank group still maps a 69 MB /dev/shm segment that no other process opens and
-    # nobody removes: unlink it now (the mapping stays valid until exit).
-    if world == 1:
-        shm = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master[0]}_{master[1]}_0")
-        shm.unlink(missing_ok=True)
 
 
 @dataclass

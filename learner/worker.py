@@ -72,8 +72,7 @@ class Trainer:
         setup_env()
         torch.set_num_threads(self.cfg.learner.threads)
         with startup_gc():
-            self._at(f"joining the process group at {self.master[0]}:{self.master[1]} with {self.world} ranks "
-                     "(and loading DeepSpeed's communication op, built on first use)")
+            self._at(f"joining the process group at {self.master[0]}:{self.master[1]} with {self.world} ranks")
             init_process_group(self.cfg, self.rank, self.world, self.master)
             gen, mask_gen = seed_everything(self.cfg.run.seed, self.rank)
             self._at(f"loading {self.model_path} and building the DeepSpeed engine")

@@ -1,14 +1,13 @@
-"""LearnerGroup set-up on a real local Ray (1 rank, the tiny model): a JIT build lock that a killed build
-left behind is removed, not waited on forever; a lock that a live process holds makes set-up fail at
-learner.setup_timeout_s with an error naming the lock, its holder and the phase.
+"""LearnerGroup set-up on a real local Ray (the tiny model): set-up JIT-builds no DeepSpeed op on CPU (its
+shared-memory all-reduce is off), a JIT build lock that a killed build left behind is removed, a lock that a live
+process holds is named with its holder by the rank's progress probe and kept; a rank that cannot be placed makes
+set-up fail at learner.setup_timeout_s with an error naming the rank and what it waits for.
 
-The lock is torch's own FileBaton (what DeepSpeed's op build takes) in a private TORCH_EXTENSIONS_DIR:
+The lock is torch's own FileBaton (what a DeepSpeed op build takes) in a private TORCH_EXTENSIONS_DIR:
 $FORKRL_CACHE points at a directory whose other caches link to the real ones."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,10 +34,8 @@ def private_extensions(tmp_path, monkeypatch) -> Path:
         if child.name != "torch_extensions":
             (root / child.name).symlink_to(child)
     ext = root / "torch_extensions"
-    built = real / "torch_extensions" / "deepspeed_shm_comm"
-    if built.is_dir():   # no rebuild (minutes); the lock is what is tested
-        shutil.copytree(built, ext / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock"))
-    (ext / "deepspeed_shm_comm").mkdir(parents=True, exist_ok=True)
+    for op in ("cpu_adam", "fused_adam"):   # ops DeepSpeed JIT-builds (CPU offload, GPU Adam)
+        (ext / op).mkdir(parents=True)
     monkeypatch.setenv("FORKRL_CACHE", str(root))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
     return ext
@@ -66,35 +63,47 @@ def group(model: str, timeout_s: float):
 
 
 @pytest.mark.timeout(600)
-def test_a_lock_left_by_a_killed_build_is_removed(private_extensions, ray_local, untrained_tiny_model_dir):
-    lock = private_extensions / "deepspeed_shm_comm" / "lock"
-    builder = hold(lock)
+def test_set_up_builds_no_op_removes_a_dead_builds_lock_and_names_a_live_one(private_extensions, ray_local,
+                                                                             untrained_tiny_model_dir):
+    stale = private_extensions / "cpu_adam" / "lock"
+    builder = hold(stale)
     builder.send_signal(signal.SIGKILL)
     builder.wait()
-    assert lock.exists()           # what a killed build leaves behind
+    assert stale.exists()           # what a killed build leaves behind
     g = group(untrained_tiny_model_dir, 480)
+    live = private_extensions / "fused_adam" / "lock"
+    holder = None
     try:
-        assert [i["rank"] for i in g.info] == [0] and not lock.exists()
+        assert [i["rank"] for i in g.info] == [0] and not stale.exists()
+        # nothing was JIT-built (DeepSpeed's shared-memory op used to be: ~50 s for every new venv path)
+        assert sorted(p.name for p in private_extensions.iterdir()) == ["cpu_adam", "fused_adam"]
+        assert not any(p.is_file() for p in private_extensions.rglob("*")), list(private_extensions.rglob("*"))
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{g.master[1]}_*"))
+        holder = hold(live)         # a build that is still running (or hung)
+        said = ray.get(g.ranks[0].progress.remote())
+        assert said.startswith("rank 0 (pid ") and ": set up, for " in said, said
+        assert f"build lock {live} held by pid {holder.pid}" in said, said
     finally:
         g.kill()
+        if holder is not None:
+            holder.kill()
+            holder.wait()
+    assert live.exists()            # a live holder's lock is never removed
+    assert holder is not None and wait_gone([holder.pid]) == []
 
 
 @pytest.mark.timeout(600)
-def test_a_held_lock_fails_set_up_at_its_deadline_naming_it(private_extensions, ray_local,
-                                                           untrained_tiny_model_dir):
-    lock = private_extensions / "deepspeed_shm_comm" / "lock"
-    builder = hold(lock)           # a build that is still running (or hung)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(RuntimeError) as e:
-            group(untrained_tiny_model_dir, 30)
-        assert type(e.value).__name__ == "LearnerSetupTimeout"   # learner.worker's
-        assert time.monotonic() - t0 < 30 + 60   # a hang guard (the probe waits 10 s), not a timing claim
-        msg = str(e.value)
-        assert "learner.setup_timeout_s = 30 s" in msg and "rank 0" in msg and "joining the process group" in msg
-        assert f"build lock {lock} held by pid {builder.pid}" in msg
-        assert lock.exists()        # a live holder's lock is never removed
-    finally:
-        builder.kill()
-        builder.wait()
-    assert wait_gone([builder.pid]) == []
+def test_a_rank_that_cannot_be_placed_fails_set_up_at_its_deadline_naming_it(ray_local, untrained_tiny_model_dir):
+    from learner.worker import LearnerGroup
+
+    cfg = Config()
+    # Ray has 2 CPUs: rank 1 never starts; the deadline leaves rank 0 (placed) time to start on a loaded box
+    cfg.learner.num_ranks, cfg.cluster.learner_cpus, cfg.learner.setup_timeout_s = 2, 2, 20
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        LearnerGroup(cfg, untrained_tiny_model_dir)
+    assert type(e.value).__name__ == "LearnerSetupTimeout"   # learner.worker's
+    assert time.monotonic() - t0 < 20 + 60   # a hang guard (the probe waits 10 s), not a timing claim
+    msg = str(e.value)
+    assert msg.startswith("learner set-up did not finish within learner.setup_timeout_s = 20 s: "), msg
+    assert "rank 1: no answer (its actor process has not started: waiting for CPUs/GPUs" in msg, msg

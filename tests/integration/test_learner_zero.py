@@ -212,13 +212,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def remove_shm_segments(port: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce buffers of a process group (named after its master port)."""
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+def shm_segments(port: int) -> list[str]:
+    """DeepSpeed's CPU shared-memory all-reduce buffers of a process group (named after its master port): the
+    learner turns that op off, so there are none."""
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 def run_ranks(out_dir: Path, spec: dict) -> dict[str, list[dict]]:
@@ -239,8 +236,8 @@ def run_ranks(out_dir: Path, spec: dict) -> dict[str, list[dict]]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        remove_shm_segments(port)
     assert [p.returncode for p in procs] == [0] * WORLD, "\n\n".join(x[-6000:] for x in logs)
+    assert shm_segments(port) == []
     return {stage: [json.loads((out_dir / stage / f"result{r}.json").read_text()) for r in range(WORLD)]
             for stage in spec["runs"]}
 

@@ -13,7 +13,7 @@ import ray
 import torch
 
 from cluster.config import Config
-from tests.integration.test_learner_zero import make_groups, remove_shm_segments
+from tests.integration.test_learner_zero import make_groups, shm_segments
 
 DELTA = 1e-3
 
@@ -59,7 +59,7 @@ def _stop(group) -> None:
         group.call("close")
     finally:
         group.kill()
-        remove_shm_segments(port)
+    assert shm_segments(port) == []
 
 
 def _comparable(stats: dict) -> dict:
