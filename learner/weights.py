@@ -14,15 +14,18 @@ from cluster.transport.weightsync import TensorSpec, WeightSender
 
 def module_params(lm: torch.nn.Module) -> list[tuple[str, list[tuple[str, torch.nn.Parameter]]]]:
     """[(module name, [(HF name, parameter)])], each parameter once: a tied weight under its first name
-    (the tied lm_head is not listed; vLLM ties it back)."""
+    (the tied lm_head is not listed; vLLM ties it back). The input embedding comes last: it is the largest
+    tensor (SmolLM2: 113 of 540 MB) and its reload is a plain copy, so sent first it would fill the first
+    bucket and hold back the start of the layer-wise reload that the rest of the sync overlaps with."""
     out, seen = [], set()
+    embed = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     for mod_name, mod in lm.named_modules():
         params = [(f"{mod_name}.{n}" if mod_name else n, p) for n, p in mod.named_parameters(recurse=False)
                   if id(p) not in seen]
         seen.update(id(p) for _, p in params)
         if params:
             out.append((mod_name, params))
-    return out
+    return sorted(out, key=lambda m: embed is not None and lm.get_submodule(m[0]) is embed)   # stable
 
 
 def named_weights(lm: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
