@@ -17,25 +17,25 @@ def module_params(lm: torch.nn.Module) -> list[tuple[str, list[tuple[str, torch.
     (the tied lm_head is not listed; vLLM ties it back). The input embedding comes last: it is the largest
     tensor (SmolLM2: 113 of 540 MB) and its reload is a plain copy, so sent first it would fill the first
     bucket and hold back the start of the layer-wise reload that the rest of the sync overlaps with."""
-    out, seen = [], set()
+    out, last, seen = [], [], set()
     embed = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
     for mod_name, mod in lm.named_modules():
         params = [(f"{mod_name}.{n}" if mod_name else n, p) for n, p in mod.named_parameters(recurse=False)
                   if id(p) not in seen]
         seen.update(id(p) for _, p in params)
         if params:
-            out.append((mod_name, params))
-    return sorted(out, key=lambda m: embed is not None and lm.get_submodule(m[0]) is embed)   # stable
+            (last if mod is embed else out).append((mod_name, params))
+    return out + last
 
 
 def named_weights(lm: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full weight) in a fixed order; under ZeRO-3 each module's weights are gathered while its
     items are consumed and released after, so EVERY rank must iterate to the end (the gathers are
     collectives). The tensors are live views: copy them before the next item."""
-    import deepspeed
-
     for _, params in module_params(lm):
         if zero3:
+            import deepspeed
+
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
                 yield from ((n, p.data) for n, p in params)
         else:

@@ -153,7 +153,7 @@ def schedule(seed: int, steps: int, n: int, kinds: tuple[str, ...] = KINDS) -> l
     return [(s, k, round(rng.random(), 3)) for s, k in zip(at, picks)]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """The process exists and has not exited (a zombie has); it may exit while /proc is read."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -289,10 +289,10 @@ class Soak:
             # the run's actors die with their driver; until they are gone, a learner rank can still finish an
             # update the driver never logged (its ack adds the groups to the server's trained set)
             deadline = time.monotonic() + 60
-            left = [x for x in [*p["generators"], *p["learner"], *p["grader_workers"]] if _alive(x)]
+            left = [x for x in [*p["generators"], *p["learner"], *p["grader_workers"]] if alive(x)]
             while left and time.monotonic() < deadline:
                 time.sleep(0.2)
-                left = [x for x in left if _alive(x)]
+                left = [x for x in left if alive(x)]
             if left:
                 raise RunFailed(f"processes left behind by the stopped run ({k}): {left}")
             time.sleep(0.5)   # a command a dead client had already sent is still executed by the server

@@ -15,10 +15,12 @@ import pytest
 import torch
 import yaml
 
+from cluster.observe.report import read_metrics
 from cluster.tools.experiments import run_experiment
 from cluster.tools.experiments.analyses import collapse_fit_run
 from cluster.tools.experiments.entropy_patterns import _sample_entropies
 from cluster.tools.experiments.spec import SPEC_DIR, ExperimentError, load_spec
+from cluster.tools.experiments.tables import train_rows
 
 NAMES = ("entropy-patterns", "forking-tokens", "entropy-mechanism", "collapse-law", "label-free", "entropy-decoding")
 
@@ -229,7 +231,7 @@ def test_entropy_decoding_smoke_samples_hot_at_forking_positions(tmp_path, ray_s
     assert list(res) == ["top20-forking-sampling"]
     share = mean_of(res["top20-forking-sampling"]["T_high share (mean)"])
     (run_dir,) = (out / "runs" / "top20-forking-sampling").iterdir()
-    train = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "time/step_s" in r]
+    train = train_rows(read_metrics(run_dir))
     assert [int(r["step"]) for r in train] == [1, 2]
     steps = [r["generator/forking_high_share"] for r in train]
     assert steps[0] == 1.0 and 0 < steps[1] < 0.9, steps

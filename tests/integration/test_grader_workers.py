@@ -12,20 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.tools.soak import alive
 from reward.verifiers import run_inline
 from reward.worker import WorkerPool
 
 HANG = {"op": "score", "verifier": "math", "text": "\\boxed{10^{10^{10^{10}}}}", "gold": "1"}
 OK = {"op": "score", "verifier": "math", "text": "\\boxed{\\frac{2}{4}}", "gold": "0.5"}
 ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"   # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 def wait_gone(pids, limit_s=90.0):

@@ -20,6 +20,7 @@ import ray
 from cluster.config import Config
 from cluster.runtime import cache_dir
 from tests.integration.test_grader_workers import wait_gone
+from tests.integration.test_learner_zero import shm_segments
 
 HOLD = ("import sys, time\nfrom torch.utils.file_baton import FileBaton\n"
         "assert FileBaton(sys.argv[1]).try_acquire()\nprint('held', flush=True)\ntime.sleep(900)\n")
@@ -78,7 +79,7 @@ def test_set_up_builds_no_op_removes_a_dead_builds_lock_and_names_a_live_one(pri
         # nothing was JIT-built (DeepSpeed's shared-memory op used to be: ~50 s for every new venv path)
         assert sorted(p.name for p in private_extensions.iterdir()) == ["cpu_adam", "fused_adam"]
         assert not any(p.is_file() for p in private_extensions.rglob("*")), list(private_extensions.rglob("*"))
-        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{g.master[1]}_*"))
+        assert shm_segments(g.master[1]) == []
         holder = hold(live)         # a build that is still running (or hung)
         said = ray.get(g.ranks[0].progress.remote())
         assert said.startswith("rank 0 (pid ") and ": set up, for " in said, said

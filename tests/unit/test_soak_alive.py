@@ -1,4 +1,4 @@
-"""cluster.tools.soak._alive: a process that exits while it is looked at is gone, not an error, and a zombie
+"""cluster.tools.soak.alive: a process that exits while it is looked at is gone, not an error, and a zombie
 (exited, not yet reaped) counts as gone."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import subprocess
 import sys
 import time
 
-from cluster.tools.soak import _alive
+from cluster.tools.soak import alive
 
 
-def test_a_running_process_is_alive():
-    assert _alive(os.getpid())
+def test_a_running_process_isalive():
+    assert alive(os.getpid())
 
 
-def test_a_zombie_is_not_alive():
+def test_a_zombie_is_notalive():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30   # a hang guard, not a timing assertion
     while time.monotonic() < deadline:
@@ -24,11 +24,11 @@ def test_a_zombie_is_not_alive():
             break
         time.sleep(0.02)
     assert state == "Z"
-    assert not _alive(child.pid)   # os.kill(pid, 0) still succeeds on a zombie
+    assert not alive(child.pid)   # os.kill(pid, 0) still succeeds on a zombie
     child.wait()
-    assert not _alive(child.pid)   # reaped: /proc/<pid> is gone
+    assert not alive(child.pid)   # reaped: /proc/<pid> is gone
 
 
-def test_a_pid_that_never_existed_is_not_alive():
+def test_a_pid_that_never_existed_is_notalive():
     limit = int(open("/proc/sys/kernel/pid_max").read())
-    assert not _alive(limit + 1)
+    assert not alive(limit + 1)

@@ -126,7 +126,7 @@ def run(case: str | None = None) -> Iterator[dict]:
     from cluster.config import LearnerConfig, RolloutConfig, SyncConfig
     from cluster.runtime import runtime_env_vars
     from cluster.transport.weightsync import TensorSpec, WeightSender, bucket_bytes, free_port, plan_buckets
-    from learner.weights import module_params
+    from learner.weights import named_weights
 
     cases = [case] if case else ["tiny", "smollm2"]
     for c in cases:
@@ -145,7 +145,7 @@ def run(case: str | None = None) -> Iterator[dict]:
         model_dir = bench_model(c.removesuffix("-tp2"))
         learner = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         # the learner's own order and names (learner.weights: the tied lm_head left out, the embedding last)
-        named = [(n, p.detach()) for _, params in module_params(learner) for n, p in params]
+        named = list(named_weights(learner, zero3=False))
         specs = [TensorSpec.of(n, t) for n, t in named]
         sizes = [b.nbytes for b in plan_buckets(specs, bucket_bytes(sync_cfg))]
 
