@@ -253,15 +253,15 @@ class LearnerGroup:
 
     def _within(self, end: float, refs: list) -> list:
         """The ranks' results of one set-up call, or LearnerSetupTimeout at monotonic time `end` naming what
-        each rank that had not finished was doing."""
+        every rank was doing: a call to rank 0 alone (its port) can time out because rank 0 starts slowly
+        while another rank can never be placed, and the error names both."""
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=max(0.0, end - time.monotonic()))
         if len(ready) < len(refs):
-            late = [r for r, ref in enumerate(refs) if ref not in ready] if len(refs) > 1 else [0]
-            probes = [self.ranks[r].progress.remote() for r in late]
+            probes = [a.progress.remote() for a in self.ranks]
             done, _ = ray.wait(probes, num_returns=len(probes), timeout=10)
             what = [ray.get(p) if p in done else f"rank {r}: no answer (its actor process has not started: "
                     "waiting for CPUs/GPUs, the placement group or its runtime environment)"
-                    for r, p in zip(late, probes)]
+                    for r, p in enumerate(probes)]
             raise LearnerSetupTimeout(f"learner set-up did not finish within learner.setup_timeout_s = "
                                       f"{self.timeout_s:g} s: {'; '.join(what)}")
         return _results(refs)
