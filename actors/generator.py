@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from cluster.config import RolloutConfig
-from cluster.runtime import startup_gc
+from cluster.runtime import MALLOC_KEEP, startup_gc
 from cluster.types import Prompt, Response, Rollout
 
 EXTENSION = "actors.vllm_ext.WeightSyncWorker"
@@ -97,11 +97,6 @@ class _Sample:
     finish_reason: str
     text: str
 
-
-# vLLM's reload allocates fresh full-size layer tensors at every sync; with glibc's default each large block is
-# a new mmap whose pages fault in again every time (SmolLM2 reload ~0.87 s -> ~0.4 s without them, 1 thread).
-# Keeping freed blocks in the heap costs nothing here: the next sync reuses exactly the same sizes.
-MALLOC_KEEP = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 # Test-only fault injection (tests/faults), off unless set in the driver's environment: a generator that holds
 # this weights version never joins the next sync (it hangs in receive_weights until killed).

@@ -19,6 +19,14 @@ _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "
               "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
+# glibc serves every block over its mmap threshold (at most 32 MiB: a step's logits, a layer's activations, a
+# weight's fresh reload tensor) with a new mmap and unmaps it at free, so the next step faults the same pages in
+# again (SmolLM2's learner: ~1.8M page faults, 3.5 s of a 40 s train phase; vLLM's reload 0.87 -> 0.4 s).
+# Keeping freed blocks in the heap costs no more than the process's peak: the next step asks for the same sizes.
+# Read by ld.so at exec: it goes into the environment a process starts with (docs/performance.md "e2e").
+MALLOC_KEEP = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
 def cache_dir(*parts: str) -> Path:
     root = Path(os.environ.get("FORKRL_CACHE") or Path.home() / ".cache" / "forkrl")
     path = root.joinpath(*parts)

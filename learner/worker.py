@@ -221,6 +221,18 @@ class Trainer:
         return {"gen": self.step.gen, "mask_gen": self.step.mask_gen}
 
 
+def rank_env(cfg: Config) -> dict[str, str]:
+    """Process environment of a learner rank (on top of what Ray gives a worker). On CPU the step's large
+    tensors stay in glibc's heap between steps (cluster.runtime.MALLOC_KEEP); on a GPU they live in CUDA's
+    allocator, and the host's memory is given back."""
+    from cluster.runtime import MALLOC_KEEP, runtime_env_vars
+
+    env = {**runtime_env_vars(), "OMP_NUM_THREADS": str(cfg.learner.threads)}
+    if not cfg.cluster.learner_gpus:
+        env["GLIBC_TUNABLES"] = MALLOC_KEEP
+    return env
+
+
 class LearnerGroup:
     """The learner ranks as Ray actors, one per rank, placed by the caller's scheduling options. Ray must
     be initialised by the caller."""
@@ -230,10 +242,8 @@ class LearnerGroup:
         """loopback: all ranks on this machine, so the process group binds 127.0.0.1 (local runs)."""
         import ray
 
-        from cluster.runtime import runtime_env_vars
-
         n = cfg.learner.num_ranks
-        env = {**runtime_env_vars(), "OMP_NUM_THREADS": str(cfg.learner.threads)}
+        env = rank_env(cfg)
         opts = actor_options or [{} for _ in range(n)]
         cls = ray.remote(concurrency_groups={"probe": 1})(Trainer)
         self.ranks = [cls.options(num_cpus=cfg.cluster.learner_cpus, num_gpus=cfg.cluster.learner_gpus,

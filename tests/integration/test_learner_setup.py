@@ -1,13 +1,15 @@
 """LearnerGroup set-up on a real local Ray (the tiny model): set-up JIT-builds no DeepSpeed op on CPU (its
 shared-memory all-reduce is off), a JIT build lock that a killed build left behind is removed, a lock that a live
 process holds is named with its holder by the rank's progress probe and kept; a rank that cannot be placed makes
-set-up fail at learner.setup_timeout_s with an error naming the rank and what it waits for.
+set-up fail at learner.setup_timeout_s with an error naming the rank and what it waits for. A rank's process
+starts with glibc's allocator told to keep freed blocks (cluster.runtime.MALLOC_KEEP).
 
 The lock is torch's own FileBaton (what a DeepSpeed op build takes) in a private TORCH_EXTENSIONS_DIR:
 $FORKRL_CACHE points at a directory whose other caches link to the real ones."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import pytest
 import ray
 
 from cluster.config import Config
-from cluster.runtime import cache_dir
+from cluster.runtime import MALLOC_KEEP, cache_dir
 from tests.integration.test_grader_workers import wait_gone
 from tests.integration.test_learner_zero import shm_segments
 
@@ -55,6 +57,23 @@ def hold(lock: Path) -> subprocess.Popen:
     return p
 
 
+def mmapped_blocks_holding(size: int) -> int:
+    """glibc's count of live mmapped blocks (mallinfo2().hblks) while this process holds a malloc of size bytes."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.mallinfo2.restype = ctypes.c_void_p, MallInfo2
+    block = libc.malloc(size)
+    try:
+        return libc.mallinfo2().hblks
+    finally:
+        libc.free(ctypes.c_void_p(block))
+
+
 def group(model: str, timeout_s: float):
     from learner.worker import LearnerGroup
 
@@ -80,6 +99,10 @@ def test_set_up_builds_no_op_removes_a_dead_builds_lock_and_names_a_live_one(pri
         assert sorted(p.name for p in private_extensions.iterdir()) == ["cpu_adam", "fused_adam"]
         assert not any(p.is_file() for p in private_extensions.rglob("*")), list(private_extensions.rglob("*"))
         assert shm_segments(g.master[1]) == []
+        # the rank's process started with glibc keeping every block in its heap (learner.worker.rank_env):
+        # a 64 MiB block is not an mmap there, as it is here (glibc's default)
+        assert os.environ.get("GLIBC_TUNABLES") != MALLOC_KEEP and mmapped_blocks_holding(64 << 20) >= 1
+        assert ray.get(g.ranks[0].__ray_call__.remote(lambda _: mmapped_blocks_holding(64 << 20))) == 0
         holder = hold(live)         # a build that is still running (or hung)
         said = ray.get(g.ranks[0].progress.remote())
         assert said.startswith("rank 0 (pid ") and ": set up, for " in said, said

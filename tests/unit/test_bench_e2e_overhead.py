@@ -41,8 +41,10 @@ def test_the_same_seed_gives_the_same_batch_and_the_codec_carries_it_unchanged()
 
 def test_side_env_keeps_openmp_and_allocator_variables_only():
     env = {"OMP_NUM_THREADS": "2", "OMP_PROC_BIND": "close", "MALLOC_ARENA_MAX": "2", "LD_PRELOAD": "libjemalloc.so",
-           "LD_LIBRARY_PATH": "/x", "PATH": "/bin", "MKL_NUM_THREADS": "1", "XOMP_Y": "1", "HOME": "/root"}
-    want = {k: v for k, v in env.items() if k.split("_")[0] in ("OMP", "MALLOC") or k == "LD_PRELOAD"}
+           "GLIBC_TUNABLES": "glibc.malloc.mmap_max=0", "LD_LIBRARY_PATH": "/x", "PATH": "/bin", "MKL_NUM_THREADS": "1",
+           "XOMP_Y": "1", "HOME": "/root"}
+    want = {k: v for k, v in env.items()
+            if k.split("_")[0] in ("OMP", "MALLOC") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     assert side_env(env) == want
     assert list(side_env(env)) == sorted(want)
     assert side_env({}) == {}

@@ -31,7 +31,7 @@ rounds call actor, plain, plain at nice 15 in turn, when the three fit in memory
 peak RSS x 2 under 0.8 of the memory available); otherwise (SmolLM2 on a 24 GiB box: ~8 GB each) each side
 runs its rounds alone and exits before the next starts (`sides` in the row says which). Value = the actor's
 median, baseline = the plain median (ratio = the overhead), plain_nice15_s beside them, with each side's nice value, torch threads and env_diff
-(OMP_*, LD_PRELOAD, MALLOC_* and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
+(OMP_*, LD_PRELOAD, MALLOC_*, GLIBC_TUNABLES and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
 tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
 
 e2e.vs_trl_bf16 (case smollm2-bf16): e2e.vs_trl in bfloat16 where the CPU has bf16 instructions (avx512_bf16
@@ -268,8 +268,9 @@ def overhead_batch(prompt_len: int, seed: int = 0) -> list:
 
 def side_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables besides the thread count and niceness that change how fast a process computes: OpenMP's
-    (OMP_*) and the allocator's (LD_PRELOAD, MALLOC_*)."""
-    return {k: v for k, v in sorted(environ.items()) if k.startswith(("OMP_", "MALLOC_")) or k == "LD_PRELOAD"}
+    (OMP_*) and the allocator's (LD_PRELOAD, MALLOC_*, GLIBC_TUNABLES)."""
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(("OMP_", "MALLOC_")) or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
 
 
 def env_diff(a: Mapping, b: Mapping) -> dict[str, list]:
@@ -340,15 +341,15 @@ def actor_overhead(case: str, model: str) -> Iterator[dict]:
     import msgpack
 
     from cluster.config import load_config
-    from cluster.runtime import runtime_env_vars
     from cluster.tools.bench.generate import bench_prompts
     from cluster.transport.codec import encode
+    from learner.worker import rank_env
 
-    threads = load_config(None, [f"model.path={model}", *COMMON, *SYNC_LOOP]).learner.threads
+    cfg = load_config(None, [f"model.path={model}", *COMMON, *SYNC_LOOP])
     prompt_len = int(np.median([len(p.token_ids) for p in bench_prompts(model, PROMPTS)]))
     groups = overhead_batch(prompt_len)
     # the actor's environment: what LearnerGroup gives its ranks; the actor side's driver gets ours, as forkrl train
-    plain_env = {**os.environ, **runtime_env_vars(), "OMP_NUM_THREADS": str(threads)}
+    plain_env = {**os.environ, **rank_env(cfg)}
     import psutil
 
     sides: dict[str, _Side] = {}
