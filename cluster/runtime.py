@@ -21,9 +21,12 @@ _ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "
 
 # glibc serves every block over its mmap threshold (at most 32 MiB: a step's logits, a layer's activations, a
 # weight's fresh reload tensor) with a new mmap and unmaps it at free, so the next step faults the same pages in
-# again (SmolLM2's learner: ~1.8M page faults, 3.5 s of a 40 s train phase; vLLM's reload 0.87 -> 0.4 s).
-# Keeping freed blocks in the heap costs no more than the process's peak: the next step asks for the same sizes.
-# Read by ld.so at exec: it goes into the environment a process starts with (docs/performance.md "e2e").
+# again: ~1.8M page faults a SmolLM2 learner step; its train phase in the Ray actor went 46.9 -> 37.6 s without
+# them, vLLM's reload 0.87 -> 0.4 s. arena_max=1: a thread that is not the main one (a Ray actor's methods with
+# concurrency groups, the weight-receive thread) has its own arena, which mmaps any block over 64 MiB whatever
+# mmap_max says. Freed blocks stay in the heap, so the peak RSS is ~1.2 GB higher for SmolLM2's learner.
+# Read by ld.so at exec: it goes into the environment a process starts with (docs/performance.md "The
+# learner's allocator").
 MALLOC_KEEP = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 

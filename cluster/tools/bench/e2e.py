@@ -31,8 +31,8 @@ rounds call actor, plain, plain at nice 15 in turn, when the three fit in memory
 peak RSS x 2 under 0.8 of the memory available); otherwise (SmolLM2 on a 24 GiB box: ~8 GB each) each side
 runs its rounds alone and exits before the next starts (`sides` in the row says which). Value = the actor's
 median, baseline = the plain median (ratio = the overhead), plain_nice15_s beside them, with each side's nice value, torch threads and env_diff
-(OMP_*, LD_PRELOAD, MALLOC_*, GLIBC_TUNABLES and the CPU affinity, where actor and plain differ). Target <= 1.10 for smollm2;
-tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
+(OMP_*, LD_PRELOAD, MALLOC_*, GLIBC_TUNABLES and the CPU affinity, where actor and plain differ). Target <= 1.10
+for smollm2; tiny is reported. FORKRL_BENCH_QUICK=1 runs `--case actor-overhead` on tiny only.
 
 e2e.vs_trl_bf16 (case smollm2-bf16): e2e.vs_trl in bfloat16 where the CPU has bf16 instructions (avx512_bf16
 or amx_bf16 in /proc/cpuinfo). forkrl: model.dtype=bfloat16 (vLLM generates in bf16; the learner is DeepSpeed's
