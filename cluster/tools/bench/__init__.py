@@ -19,8 +19,14 @@ BENCHES = {
 }
 
 
-def row(metric: str, value: float, baseline: float, unit: str, case: str, target: str, **extra) -> dict:
-    ratio = value / baseline if baseline else float("nan")
+def row(metric: str, value: float | None, baseline: float | None, unit: str, case: str, target: str,
+        **extra) -> dict:
+    """One benchmark row. ratio = value / baseline: null where a side has no figure (None: skipped or failed,
+    the reason in extra), NaN for a zero baseline."""
+    if value is None or baseline is None:
+        ratio = None
+    else:
+        ratio = value / baseline if baseline else float("nan")
     return {"metric": metric, "value": value, "baseline": baseline, "ratio": ratio, "unit": unit,
             "case": case, "target": target, **extra}
 

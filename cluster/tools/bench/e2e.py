@@ -248,8 +248,8 @@ def vs_trl(case: str, model: str) -> Iterator[dict]:
             if generation == "hf":
                 raise   # the target's baseline: no row without it
             # issue 23: where TRL cannot run vLLM on CPU, the row shows its exact error
-            yield {**row(metric, ours, None, "trained tokens/s", case, target), "ratio": None,
-                   "trl_generation": generation, "failed": str(e), **ours_extra}
+            yield row(metric, ours, None, "trained tokens/s", case, target, trl_generation=generation,
+                      failed=str(e), **ours_extra)
             continue
         yield row(metric, ours, theirs, "trained tokens/s", case, target, trl_generation=generation,
                   trl_step_s=round(step_s, 2), **ours_extra)
@@ -270,8 +270,7 @@ def vs_trl_bf16() -> Iterator[dict]:
 
     why = bf16_missing(cpu_flags())
     if why is not None:
-        yield {"metric": "e2e.vs_trl_bf16", "value": None, "baseline": None, "ratio": None,
-               "unit": "trained tokens/s", "case": BF16_CASE, "target": "report", "skipped": why}
+        yield row("e2e.vs_trl_bf16", None, None, "trained tokens/s", BF16_CASE, "report", skipped=why)
         return
     model = bench_model("smollm2")
     ours, ours_extra = _forkrl_side(BF16_CASE, model, BF16)
