@@ -11,11 +11,11 @@ import time
 from cluster.tools.soak import alive
 
 
-def test_a_running_process_isalive():
+def test_a_running_process_is_alive():
     assert alive(os.getpid())
 
 
-def test_a_zombie_is_notalive():
+def test_a_zombie_is_not_alive():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30   # a hang guard, not a timing assertion
     while time.monotonic() < deadline:
@@ -29,6 +29,6 @@ def test_a_zombie_is_notalive():
     assert not alive(child.pid)   # reaped: /proc/<pid> is gone
 
 
-def test_a_pid_that_never_existed_is_notalive():
+def test_a_pid_that_never_existed_is_not_alive():
     limit = int(open("/proc/sys/kernel/pid_max").read())
     assert not alive(limit + 1)
